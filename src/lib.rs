@@ -1,0 +1,13 @@
+//! Helpline: a self-hosted support assistant.
+//!
+//! Layering (inner modules never import outer ones):
+//! `model`, `tokenizer` -> know nothing of `engine` or `cli`;
+//! `sampler` -> pure logits processing; `engine` -> owns the model on one thread;
+//! `cli` -> the only place that knows everything.
+
+pub mod model;
+pub mod tokenizer;
+pub mod sampler;
+pub mod engine;
+pub mod bench;
+pub mod cli;

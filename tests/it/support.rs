@@ -1,0 +1,43 @@
+//! Shared helpers for the integration tests: model paths, reference data.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use helpline::model::Model;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn smollm2_path() -> PathBuf {
+    root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn gemma3_path() -> PathBuf {
+    root().join("models/gemma-3-270m-Q4_K_M.gguf")
+}
+
+/// The default model, loaded once per test binary (weights are shared; every test makes its own caches).
+pub fn smollm2() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| Model::load(&smollm2_path(), &candle_core::Device::Cpu).expect("default model present: run `helpline models pull`"))
+}
+
+pub fn gemma3() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| Model::load(&gemma3_path(), &candle_core::Device::Cpu).expect("gemma3 test model present: run `helpline models pull`"))
+}
+
+#[derive(serde::Deserialize)]
+pub struct GreedyCase {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_text: String,
+}
+
+pub fn greedy_cases(name: &str) -> Vec<GreedyCase> {
+    let text = std::fs::read_to_string(root().join(format!("tests/reference/{name}.greedy.jsonl"))).unwrap();
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
