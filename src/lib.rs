@@ -11,3 +11,5 @@ pub mod sampler;
 pub mod engine;
 pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod server;
