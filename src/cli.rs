@@ -55,8 +55,15 @@ pub enum Command {
         #[command(flatten)]
         gen: GenArgs,
     },
-    /// Measure prompt processing and generation speed, like llama-bench.
+    /// Serve the OpenAI-compatible HTTP API (binds 127.0.0.1 unless told otherwise).
+    Serve(crate::config::ServeArgs),
+    /// Print the server's OpenAPI document (JSON).
+    Openapi,
+    /// Measure prompt processing and generation speed, like llama-bench; `bench serve` measures a running server.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
+        #[command(subcommand)]
+        target: Option<BenchTarget>,
         /// Prompt tokens for the pp test (0 skips it).
         #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
         n_prompt: usize,
@@ -70,6 +77,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchTarget {
+    /// Drive an OpenAI-compatible endpoint at a given concurrency and report latency and throughput.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,7 +195,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Chat { gen } => chat(&cli, gen),
-        Command::Bench { n_prompt, n_gen, reps, json } => {
+        Command::Serve(args) => crate::server::listen::run_cli(cli.model.clone(), threads, args),
+        Command::Openapi => {
+            println!("{}", crate::server::openapi::spec_json());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { target: Some(BenchTarget::Serve(args)), .. } => crate::bench_serve::run_cli(args),
+        Command::Bench { target: None, n_prompt, n_gen, reps, json } => {
             let bundle = load(&cli)?;
             let cfg = BenchConfig { n_prompt: *n_prompt, n_gen: *n_gen, reps: *reps, threads };
             let results = bench::run(&bundle.model.weights, &cfg)?;

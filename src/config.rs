@@ -63,3 +63,16 @@ impl Default for ServeConfig {
         }
     }
 }
+
+/// `helpline serve` flags (the loader turns them, the environment and the TOML file into a [`ServeConfig`]).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// Address to bind (default 127.0.0.1; another address must be asked for).
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}

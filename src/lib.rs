@@ -10,6 +10,7 @@ pub mod tokenizer;
 pub mod sampler;
 pub mod engine;
 pub mod bench;
+pub mod bench_serve;
 pub mod cli;
 pub mod config;
 pub mod server;

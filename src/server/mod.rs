@@ -8,6 +8,7 @@ pub mod listen;
 pub mod metrics;
 pub mod middleware;
 pub mod openai;
+pub mod openapi;
 pub mod ops;
 
 use std::sync::{Arc, OnceLock};
@@ -58,6 +59,6 @@ pub type SharedState = Arc<AppState>;
 /// The whole application: API routes, operational routes, then the cross-cutting layers
 /// (request ids and logging, metrics, auth, CORS, body limit) and the JSON 404/405 fallbacks.
 pub fn router(state: SharedState) -> Router {
-    let app = Router::new().merge(openai::routes()).merge(ops::routes());
+    let app = Router::new().merge(openai::routes()).merge(ops::routes()).merge(openapi::routes());
     middleware::apply(app, state.clone()).with_state(state)
 }
