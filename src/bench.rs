@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::model::{ModelError, Weights};
+use crate::model::{BatchItem, ModelError, Weights};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -15,6 +15,8 @@ pub struct BenchConfig {
     pub n_gen: usize,
     pub reps: usize,
     pub threads: usize,
+    /// Sequences decoded together in the tg test (1 = a single stream, as llama-bench).
+    pub batch: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,17 +58,25 @@ pub fn run(weights: &Weights, cfg: &BenchConfig) -> Result<Vec<BenchResult>, Mod
         results.push(summarize(format!("pp{}", cfg.n_prompt), cfg, cfg.n_prompt, samples));
     }
     if cfg.n_gen > 0 {
+        let batch = cfg.batch.max(1);
         let mut samples = Vec::with_capacity(reps);
         for _ in 0..reps {
-            let tokens = random_tokens(cfg.n_gen);
-            let mut cache = weights.new_cache();
+            let streams: Vec<Vec<u32>> = (0..batch).map(|_| random_tokens(cfg.n_gen)).collect();
+            let mut caches: Vec<_> = (0..batch).map(|_| weights.new_cache()).collect();
             let start = Instant::now();
-            for &t in &tokens {
-                weights.forward(&[t], &mut cache)?;
+            for step in 0..cfg.n_gen {
+                let mut items: Vec<BatchItem> = streams
+                    .iter()
+                    .zip(caches.iter_mut())
+                    .map(|(s, cache)| BatchItem { tokens: &s[step..step + 1], cache })
+                    .collect();
+                weights.forward_batch(&mut items)?;
             }
-            samples.push(cfg.n_gen as f64 / start.elapsed().as_secs_f64());
+            // Aggregate tokens/s over all streams.
+            samples.push((cfg.n_gen * batch) as f64 / start.elapsed().as_secs_f64());
         }
-        results.push(summarize(format!("tg{}", cfg.n_gen), cfg, cfg.n_gen, samples));
+        let name = if batch == 1 { format!("tg{}", cfg.n_gen) } else { format!("tg{}x{batch}", cfg.n_gen) };
+        results.push(summarize(name, cfg, cfg.n_gen * batch, samples));
     }
     Ok(results)
 }

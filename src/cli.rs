@@ -73,6 +73,9 @@ pub enum Command {
         /// Repetitions of each test.
         #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
         reps: usize,
+        /// Streams decoded together in the tg test; tokens/s is then the aggregate over streams.
+        #[arg(short = 'b', long = "batch", default_value_t = 1)]
+        batch: usize,
         /// One JSON object per test on stdout.
         #[arg(long)]
         json: bool,
@@ -201,9 +204,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { target: Some(BenchTarget::Serve(args)), .. } => crate::bench_serve::run_cli(args),
-        Command::Bench { target: None, n_prompt, n_gen, reps, json } => {
+        Command::Bench { target: None, n_prompt, n_gen, reps, batch, json } => {
             let bundle = load(&cli)?;
-            let cfg = BenchConfig { n_prompt: *n_prompt, n_gen: *n_gen, reps: *reps, threads };
+            let cfg = BenchConfig { n_prompt: *n_prompt, n_gen: *n_gen, reps: *reps, threads, batch: *batch };
             let results = bench::run(&bundle.model.weights, &cfg)?;
             let name = bundle.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if *json {

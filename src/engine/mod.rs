@@ -18,7 +18,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 mod bundle;
 pub use bundle::{BundleError, ModelBundle};
 
-use crate::model::{KvCache, Model, ModelError, Weights};
+use crate::model::{BatchItem, KvCache, Model, ModelError, Weights};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{StopFilter, StreamDecoder, Tokenizer};
 
@@ -166,6 +166,13 @@ impl Engine {
             return Err(SubmitError::PromptTooLong { prompt_tokens: job.prompt.len(), max: self.max_positions });
         }
         job.params.validate()?;
+        if job.max_tokens == 0 {
+            return Err(SubmitError::BadParams(crate::sampler::ParamError {
+                field: "max_tokens",
+                bound: "at least 1",
+                value: "0".into(),
+            }));
+        }
         let (etx, erx) = unbounded_channel();
         let tx = self.tx.as_ref().ok_or(SubmitError::Stopped)?;
         self.stats.queued.fetch_add(1, Ordering::SeqCst);
@@ -262,36 +269,71 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
-        loop {
-            if !self.admit() {
-                break;
-            }
-            let mut i = 0;
-            while i < self.active.len() {
-                let finished = if self.active[i].events.is_closed() {
+        while self.admit() {
+            let before = self.active.len();
+            self.active.retain(|seq| {
+                let gone = seq.events.is_closed();
+                if gone {
                     self.stats.cancelled_total.fetch_add(1, Ordering::Relaxed);
-                    true
-                } else {
-                    match self.step(i) {
-                        Ok(Step::Continue) => false,
-                        Ok(Step::Finished) => {
-                            self.stats.completed_total.fetch_add(1, Ordering::Relaxed);
-                            true
-                        }
-                        Err(e) => {
-                            let _ = self.active[i].events.send(Event::Error(e.to_string()));
-                            true
-                        }
-                    }
-                };
-                if finished {
-                    self.active.swap_remove(i);
-                    self.stats.active.store(self.active.len(), Ordering::SeqCst);
-                } else {
-                    i += 1;
                 }
+                !gone
+            });
+            if self.active.len() != before {
+                self.stats.active.store(self.active.len(), Ordering::SeqCst);
+            }
+            if !self.active.is_empty() {
+                self.step_all();
             }
         }
+    }
+
+    /// One batched step over every active sequence: each contributes a prefill chunk or its last
+    /// token to a single forward pass; then each samples, streams, and maybe finishes.
+    fn step_all(&mut self) {
+        let chunk = self.prefill_chunk;
+        let mut items = Vec::with_capacity(self.active.len());
+        for seq in self.active.iter_mut() {
+            let range = if seq.prefilled < seq.prompt_len {
+                seq.prefilled..(seq.prefilled + chunk).min(seq.prompt_len)
+            } else {
+                seq.context.len() - 1..seq.context.len()
+            };
+            let Sequence { context, cache, .. } = seq;
+            items.push(BatchItem { tokens: &context[range], cache });
+        }
+        let outcome = self.weights.forward_batch(&mut items);
+        drop(items);
+        let results: Vec<Result<Step, ModelError>> = match outcome {
+            Ok(all_logits) => {
+                let mut results = Vec::with_capacity(all_logits.len());
+                for (i, logits) in all_logits.into_iter().enumerate() {
+                    results.push(self.after_forward(i, logits));
+                }
+                results
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                (0..self.active.len()).map(|_| Err(ModelError::BadInput(msg.clone()))).collect()
+            }
+        };
+        // Remove finished sequences from the back so indices stay valid.
+        for (i, result) in results.into_iter().enumerate().rev() {
+            let finished = match result {
+                Ok(Step::Continue) => false,
+                Ok(Step::Finished) => {
+                    self.stats.completed_total.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(e) => {
+                    let _ = self.active[i].events.send(Event::Error(e.to_string()));
+                    true
+                }
+            };
+            if finished {
+                self.active.remove(i);
+            }
+        }
+        self.stats.active.store(self.active.len(), Ordering::SeqCst);
     }
 
     /// Moves queued jobs into free slots. Blocks when idle. Returns false once the engine is
@@ -337,25 +379,17 @@ impl Worker {
         true
     }
 
-    /// One step of sequence `i`: a prefill chunk, or one decoded token.
-    fn step(&mut self, i: usize) -> Result<Step, ModelError> {
+    /// Handles sequence `i` after the forward pass that gave `logits`: moves its prefill on, or
+    /// samples, streams and checks the end conditions.
+    fn after_forward(&mut self, i: usize, logits: candle_core::Tensor) -> Result<Step, ModelError> {
         let seq = &mut self.active[i];
-        if seq.max_tokens == 0 {
-            return Ok(finish(seq, FinishReason::Length));
-        }
-        let logits = if seq.prefilled < seq.prompt_len {
-            let end = (seq.prefilled + self.prefill_chunk).min(seq.prompt_len);
-            let logits = self.weights.forward(&seq.context[seq.prefilled..end], &mut seq.cache)?;
-            seq.prefilled = end;
-            if end < seq.prompt_len {
+        if seq.prefilled < seq.prompt_len {
+            seq.prefilled = (seq.prefilled + self.prefill_chunk).min(seq.prompt_len);
+            if seq.prefilled < seq.prompt_len {
                 return Ok(Step::Continue);
             }
             seq.prompt_done = Some(Instant::now());
-            logits
-        } else {
-            let last = *seq.context.last().expect("context is never empty");
-            self.weights.forward(&[last], &mut seq.cache)?
-        };
+        }
         let mut logits: Vec<f32> = logits.to_vec1()?;
         let generated = seq.generated();
         let id = seq.sampler.sample(&mut logits, &seq.context, generated);

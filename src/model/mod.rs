@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use config::{Arch, ModelConfig};
-pub use transformer::{KvCache, Weights};
+pub use transformer::{BatchItem, KvCache, Weights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

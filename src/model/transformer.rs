@@ -137,6 +137,12 @@ impl KvCache {
     }
 }
 
+/// One sequence's share of a batched forward pass: its new tokens and its cache.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
 /// Reads tensors by name, with errors that name the missing tensor.
 struct TensorSource<'a> {
     file: &'a GgufFile,
@@ -277,26 +283,57 @@ impl Weights {
     /// Runs `tokens` of one sequence after what `cache` already holds; returns the logits (f32,
     /// length vocab) of the last token and advances the cache.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, ModelError> {
-        let t = tokens.len();
-        if t == 0 {
-            return Err(ModelError::BadInput("forward called with no tokens".into()));
+        let mut items = [BatchItem { tokens, cache }];
+        Ok(self.forward_batch(&mut items)?.swap_remove(0))
+    }
+
+    /// One forward pass over several sequences: their tokens are stacked into one row dimension so
+    /// every projection and feed-forward runs once for all of them; attention runs per sequence
+    /// over its own cache. Returns each sequence's last-token logits, in order. Each row is
+    /// computed exactly as it would be alone, so batching never changes a sequence's output.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>, ModelError> {
+        let max = self.max_positions();
+        let mut all = Vec::new();
+        for item in items.iter() {
+            let (t, pos) = (item.tokens.len(), item.cache.pos);
+            if t == 0 {
+                return Err(ModelError::BadInput("forward called with no tokens".into()));
+            }
+            if pos + t > max {
+                return Err(ModelError::ContextFull { needed: pos + t, max });
+            }
+            if let Some(&bad) = item.tokens.iter().find(|&&id| id as usize >= self.vocab_size) {
+                return Err(ModelError::BadInput(format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    self.vocab_size
+                )));
+            }
+            all.extend_from_slice(item.tokens);
         }
-        let pos = cache.pos;
-        if pos + t > self.max_positions() {
-            return Err(ModelError::ContextFull { needed: pos + t, max: self.max_positions() });
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(ModelError::BadInput(format!("token id {bad} is outside the vocabulary (size {})", self.vocab_size)));
-        }
-        let ids = Tensor::new(tokens, &self.device)?;
+        let ids = Tensor::new(all.as_slice(), &self.device)?;
         let mut x = self.embed.embedding(&ids)?;
         if self.cfg.scale_embeddings {
             x = (x * (self.cfg.n_embd as f64).sqrt())?;
         }
         let mut x = x.unsqueeze(0)?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
-            let mut a = self.attention(layer, &h, pos, kv)?;
+            let (q, k, v) = self.project_qkv(layer, &h)?;
+            let mut parts = Vec::with_capacity(items.len());
+            let mut offset = 0;
+            for item in items.iter_mut() {
+                let t = item.tokens.len();
+                let pos = item.cache.pos;
+                let kv = &mut item.cache.layers[li];
+                let (q, k, v) = (q.narrow(1, offset, t)?, k.narrow(1, offset, t)?, v.narrow(1, offset, t)?);
+                parts.push(self.attention(layer, &q, &k, &v, pos, kv)?);
+                offset += t;
+            }
+            let y = if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 1)? };
+            let mut a = layer.attn_out.forward(&y)?;
             if let Some(n) = &layer.post_attn_norm {
                 a = n.forward(&a)?;
             }
@@ -308,11 +345,17 @@ impl Weights {
             }
             x = (x + f)?;
         }
-        cache.pos += t;
-        let last = x.narrow(1, t - 1, 1)?;
-        let last = self.output_norm.forward(&last)?;
-        let logits = self.output.forward(&last)?;
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+        let mut lasts = Vec::with_capacity(items.len());
+        let mut offset = 0;
+        for item in items.iter_mut() {
+            let t = item.tokens.len();
+            item.cache.pos += t;
+            offset += t;
+            lasts.push(x.narrow(1, offset - 1, 1)?);
+        }
+        let last = if lasts.len() == 1 { lasts.pop().expect("one row") } else { Tensor::cat(&lasts, 1)? };
+        let logits = self.output.forward(&self.output_norm.forward(&last)?)?.squeeze(0)?.to_dtype(DType::F32)?;
+        (0..items.len()).map(|i| Ok(logits.get(i)?)).collect()
     }
 
     fn feed_forward(&self, layer: &Layer, h: &Tensor) -> candle_core::Result<Tensor> {
@@ -331,18 +374,32 @@ impl Weights {
         layer.ffn_down.forward(&(gate * up)?)
     }
 
-    fn attention(&self, layer: &Layer, h: &Tensor, pos: usize, kv: &mut LayerKv) -> Result<Tensor, ModelError> {
+    fn project_qkv(&self, layer: &Layer, h: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let cfg = &self.cfg;
-        let (b, t, _) = h.dims3()?;
-        let hd = cfg.head_dim;
-        let (q, k, v) = match &layer.attn {
+        Ok(match &layer.attn {
             AttnProj::Separate { q, k, v } => (q.forward(h)?, k.forward(h)?, v.forward(h)?),
             AttnProj::Fused(qkv) => {
                 let all = qkv.forward(h)?;
-                let (nq, nkv) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+                let (nq, nkv) = (cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim);
                 (all.narrow(D::Minus1, 0, nq)?, all.narrow(D::Minus1, nq, nkv)?, all.narrow(D::Minus1, nq + nkv, nkv)?)
             }
-        };
+        })
+    }
+
+    /// Attention of one sequence: its projected q, k, v rows (1, t, *) at positions `pos..pos+t`
+    /// against its cache, which is extended. Returns (1, t, n_head * head_dim).
+    fn attention(
+        &self,
+        layer: &Layer,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+        kv: &mut LayerKv,
+    ) -> Result<Tensor, ModelError> {
+        let cfg = &self.cfg;
+        let (b, t, _) = q.dims3()?;
+        let hd = cfg.head_dim;
         let q = q.reshape((b, t, cfg.n_head, hd))?.transpose(1, 2)?;
         let k = k.reshape((b, t, cfg.n_head_kv, hd))?.transpose(1, 2)?;
         let v = v.reshape((b, t, cfg.n_head_kv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -392,7 +449,7 @@ impl Weights {
                 kv.v = Some(v);
             }
         }
-        Ok(layer.attn_out.forward(&y)?)
+        Ok(y)
     }
 }
 

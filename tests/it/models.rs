@@ -211,3 +211,41 @@ fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     out[at..at + to.len()].copy_from_slice(to);
     out
 }
+
+#[test]
+fn batched_forward_equals_one_sequence_at_a_time() {
+    use helpline::model::BatchItem;
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["llama", "gemma3", "phi3"] {
+        let model = Model::load(&write_tiny(dir.path(), arch), &Device::Cpu).unwrap();
+        let w = &model.weights;
+        let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5, 6], &[9, 8], &[40, 41, 42, 43, 44, 45, 46, 47]];
+        // Alone: prompt, then two decode steps each.
+        let mut alone = Vec::new();
+        for p in prompts {
+            let mut c = w.new_cache();
+            let mut outs = vec![logits(&model, p, &mut c)];
+            outs.push(logits(&model, &[7], &mut c));
+            outs.push(logits(&model, &[11], &mut c));
+            alone.push(outs);
+        }
+        // Together: one batched prefill of all three, then batched decode steps.
+        let mut caches: Vec<_> = prompts.iter().map(|_| w.new_cache()).collect();
+        let mut together: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
+        for step in [None, Some(7u32), Some(11u32)] {
+            let toks: Vec<Vec<u32>> = prompts.iter().map(|p| step.map(|t| vec![t]).unwrap_or_else(|| p.to_vec())).collect();
+            let mut items: Vec<BatchItem> =
+                toks.iter().zip(caches.iter_mut()).map(|(t, cache)| BatchItem { tokens: t, cache }).collect();
+            let out = w.forward_batch(&mut items).unwrap();
+            for (i, l) in out.into_iter().enumerate() {
+                together[i].push(l.to_vec1().unwrap());
+            }
+        }
+        for i in 0..3 {
+            for s in 0..3 {
+                let d = max_abs_diff(&alone[i][s], &together[i][s]);
+                assert!(d < 1e-4, "{arch}: sequence {i} step {s} differs by {d} when batched");
+            }
+        }
+    }
+}
