@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 cargo build --release --locked
 target/release/helpline models pull
+python3 -m pip install --quiet --disable-pip-version-check 'openai>=1.40'
 cargo test --release --locked "$@"

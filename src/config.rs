@@ -2,7 +2,7 @@
 //! into one validated [`ServeConfig`]. Precedence: flag > environment > file > default.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Validated server configuration. Built only through the loader, so every value is in range.
@@ -64,15 +64,486 @@ impl Default for ServeConfig {
     }
 }
 
-/// `helpline serve` flags (the loader turns them, the environment and the TOML file into a [`ServeConfig`]).
+
+/// `helpline serve` flags. Every flag can also come from the environment (`HELPLINE_<NAME>`, e.g.
+/// `HELPLINE_MAX_BODY_BYTES`) or from the TOML file given by `--config` (the same names in snake_case,
+/// e.g. `max_body_bytes = 65536`). Precedence: flag > environment > file > default.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServeArgs {
     /// Address to bind (default 127.0.0.1; another address must be asked for).
     #[arg(long)]
     pub host: Option<String>,
+    /// Port to bind (default 8080; 0 picks a free port, printed in the listening line).
     #[arg(long)]
     pub port: Option<u16>,
-    /// TOML configuration file.
+    /// TOML configuration file (env HELPLINE_CONFIG).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Accept this API key as `Authorization: Bearer KEY` (repeatable; 16-512 visible ASCII characters).
+    /// HELPLINE_API_KEY may hold a comma-separated list. Without any key, no authentication is asked.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_key: Vec<String>,
+    /// File of accepted API keys as sha256 hex digests, one per line (`#` starts a comment).
+    /// Make a line with `printf %s KEY | sha256sum`.
+    #[arg(long, value_name = "FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Allow browser requests from this origin, e.g. https://support.example.com (repeatable; `*` is refused).
+    /// CORS is off unless at least one origin is given.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origin: Vec<String>,
+    /// Requests that may wait for a decoding slot; beyond this the server answers 429 (default 64).
+    #[arg(long)]
+    pub queue_capacity: Option<usize>,
+    /// Sequences decoded at the same time (default 4).
+    #[arg(long)]
+    pub max_concurrent: Option<usize>,
+    /// Largest accepted request body in bytes (default 1048576).
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Largest accepted request line plus headers in bytes; larger gets 431 (default 16384).
+    #[arg(long)]
+    pub max_header_bytes: Option<usize>,
+    /// Seconds a client has to send its complete request headers (default 10).
+    #[arg(long)]
+    pub header_read_timeout_secs: Option<u64>,
+    /// Most prompt tokens accepted per request (default 8192).
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Most tokens a request may ask to generate (default 4096).
+    #[arg(long)]
+    pub max_tokens_limit: Option<usize>,
+    /// Tokens generated when a request gives no `max_tokens` (default 512).
+    #[arg(long)]
+    pub default_max_tokens: Option<usize>,
+    /// Seconds in-flight requests may run after SIGTERM/Ctrl-C before they are cut (default 30).
+    #[arg(long)]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Model id that clients send and /v1/models lists (default: smollm2-135m-instruct for the default
+    /// model, else the model file's name without `.gguf`).
+    #[arg(long)]
+    pub model_id: Option<String>,
+}
+
+/// Where a setting's value came from; errors name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Flag,
+    Env,
+    File(PathBuf),
+}
+
+/// A setting that cannot be used: which one, where its value came from, and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The setting in snake_case, e.g. `max_body_bytes` (or `config` for the file itself).
+    pub setting: String,
+    /// Where the bad value came from (`None` for checks across settings).
+    pub source: Option<Source>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(setting: &str, source: Option<Source>, message: impl Into<String>) -> Self {
+        ConfigError { setting: setting.to_string(), source, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.setting;
+        match &self.source {
+            Some(Source::Flag) => write!(f, "invalid `{s}` (from flag --{}): {}", s.replace('_', "-"), self.message),
+            Some(Source::Env) => write!(f, "invalid `{s}` (from env {}): {}", env_name(s), self.message),
+            Some(Source::File(p)) => write!(f, "invalid `{s}` (from file {}): {}", p.display(), self.message),
+            None => write!(f, "invalid `{s}`: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every setting the file and the environment may give, in snake_case.
+pub const SETTINGS: &[&str] = &[
+    "host",
+    "port",
+    "api_key",
+    "api_keys_file",
+    "cors_origin",
+    "queue_capacity",
+    "max_concurrent",
+    "max_body_bytes",
+    "max_header_bytes",
+    "header_read_timeout_secs",
+    "max_prompt_tokens",
+    "max_tokens_limit",
+    "default_max_tokens",
+    "shutdown_grace_secs",
+    "model_id",
+];
+
+/// The environment variable for a setting: `HELPLINE_` + its name in upper case.
+pub fn env_name(setting: &str) -> String {
+    format!("HELPLINE_{}", setting.to_ascii_uppercase())
+}
+
+/// Resolves flags, the process environment and the optional TOML file into a validated config.
+pub fn load(model: Option<String>, threads: usize, args: &ServeArgs) -> Result<ServeConfig, ConfigError> {
+    load_with_env(model, threads, args, &|name| std::env::var(name).ok())
+}
+
+/// [`load`] with the environment given as a lookup (tests use a map instead of the process environment).
+pub fn load_with_env(
+    model: Option<String>,
+    threads: usize,
+    args: &ServeArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ServeConfig, ConfigError> {
+    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let config_file = match (&args.config, env("HELPLINE_CONFIG")) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(p)) => Some(PathBuf::from(p)),
+        (None, None) => None,
+    };
+    let file = match &config_file {
+        Some(path) => read_file(path)?,
+        None => toml::Table::new(),
+    };
+    let r = Resolver { args, env: &env, file: &file, file_path: config_file.as_deref() };
+    let defaults = ServeConfig::default();
+
+    let host = match r.pick("host") {
+        Some((raw, src)) => parse_host(&raw.single("host", &src)?).map_err(|m| ConfigError::new("host", Some(src), m))?,
+        None => defaults.host,
+    };
+    let port = r.int("port", 0, u16::MAX as u64)?.map(|p| p as u16).unwrap_or(defaults.port);
+
+    let mut api_key_hashes = Vec::new();
+    if let Some((raw, src)) = r.pick("api_key") {
+        for key in raw.list("api_key", &src)? {
+            check_key(&key).map_err(|m| ConfigError::new("api_key", Some(src.clone()), m))?;
+            api_key_hashes.push(crate::server::auth::digest(&key));
+        }
+    }
+    if let Some((raw, src)) = r.pick("api_keys_file") {
+        let path = PathBuf::from(raw.single("api_keys_file", &src)?);
+        let hashes = read_key_digests(&path).map_err(|m| ConfigError::new("api_keys_file", Some(src), m))?;
+        api_key_hashes.extend(hashes);
+    }
+    api_key_hashes.sort_unstable();
+    api_key_hashes.dedup();
+
+    let mut cors_origins = Vec::new();
+    if let Some((raw, src)) = r.pick("cors_origin") {
+        for origin in raw.list("cors_origin", &src)? {
+            let o = parse_origin(&origin).map_err(|m| ConfigError::new("cors_origin", Some(src.clone()), m))?;
+            if !cors_origins.contains(&o) {
+                cors_origins.push(o);
+            }
+        }
+    }
+
+    const MIB: u64 = 1 << 20;
+    let get = |name: &str, lo: u64, hi: u64, default: usize| -> Result<usize, ConfigError> {
+        Ok(r.int(name, lo, hi)?.map(|v| v as usize).unwrap_or(default))
+    };
+    let queue_capacity = get("queue_capacity", 1, 65_536, defaults.queue_capacity)?;
+    let max_concurrent = get("max_concurrent", 1, 256, defaults.max_concurrent)?;
+    let max_body_bytes = get("max_body_bytes", 1024, 64 * MIB, defaults.max_body_bytes)?;
+    let max_header_bytes = get("max_header_bytes", 1024, MIB, defaults.max_header_bytes)?;
+    let header_read_timeout =
+        r.int("header_read_timeout_secs", 1, 300)?.map(Duration::from_secs).unwrap_or(defaults.header_read_timeout);
+    let max_prompt_tokens = get("max_prompt_tokens", 1, 1 << 20, defaults.max_prompt_tokens)?;
+    let max_tokens_limit = get("max_tokens_limit", 1, 1 << 20, defaults.max_tokens_limit)?;
+    let default_max_tokens = match r.pick("default_max_tokens") {
+        Some(_) => get("default_max_tokens", 1, max_tokens_limit as u64, defaults.default_max_tokens)?,
+        None if defaults.default_max_tokens > max_tokens_limit => max_tokens_limit,
+        None => defaults.default_max_tokens,
+    };
+    let shutdown_grace = r.int("shutdown_grace_secs", 0, 3600)?.map(Duration::from_secs).unwrap_or(defaults.shutdown_grace);
+
+    let model_id = match r.pick("model_id") {
+        Some((raw, src)) => {
+            let id = raw.single("model_id", &src)?;
+            check_model_id(&id).map_err(|m| ConfigError::new("model_id", Some(src), m))?;
+            id
+        }
+        None => default_model_id(model.as_deref()).unwrap_or(defaults.model_id),
+    };
+
+    Ok(ServeConfig {
+        model,
+        model_id,
+        host,
+        port,
+        threads: threads.max(1),
+        api_key_hashes,
+        cors_origins,
+        queue_capacity,
+        max_concurrent,
+        max_body_bytes,
+        max_header_bytes,
+        header_read_timeout,
+        max_prompt_tokens,
+        max_tokens_limit,
+        default_max_tokens,
+        shutdown_grace,
+        keep_alive: defaults.keep_alive,
+        config_file,
+    })
+}
+
+/// A value before it is checked: flags arrive typed, the environment as text, the file as TOML.
+#[derive(Debug, Clone)]
+enum Raw {
+    Int(i64),
+    Text(String),
+    List(Vec<String>),
+}
+
+impl Raw {
+    fn single(self, setting: &str, src: &Source) -> Result<String, ConfigError> {
+        match self {
+            Raw::Text(s) if s.starts_with('\u{0}') => {
+                Err(ConfigError::new(setting, Some(src.clone()), format!("expected text, found `{}`", shown(&s))))
+            }
+            Raw::Text(s) => Ok(s),
+            Raw::Int(i) => Ok(i.to_string()),
+            Raw::List(_) => Err(ConfigError::new(setting, Some(src.clone()), "expected a single value, found a list")),
+        }
+    }
+
+    /// Text from the environment is a comma-separated list.
+    fn list(self, setting: &str, src: &Source) -> Result<Vec<String>, ConfigError> {
+        let items: Vec<String> = match self {
+            Raw::List(v) => v,
+            Raw::Text(s) if *src == Source::Env => s.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect(),
+            Raw::Text(s) => vec![s],
+            Raw::Int(_) => return Err(ConfigError::new(setting, Some(src.clone()), "expected text or a list of text")),
+        };
+        if items.is_empty() {
+            return Err(ConfigError::new(setting, Some(src.clone()), "the list is empty"));
+        }
+        if let Some(bad) = items.iter().find(|i| i.starts_with('\u{0}')) {
+            return Err(ConfigError::new(setting, Some(src.clone()), format!("expected text, found `{}`", shown(bad))));
+        }
+        Ok(items)
+    }
+}
+
+struct Resolver<'a> {
+    args: &'a ServeArgs,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    file: &'a toml::Table,
+    file_path: Option<&'a Path>,
+}
+
+impl Resolver<'_> {
+    fn flag(&self, name: &str) -> Option<Raw> {
+        let a = self.args;
+        let int = |v: Option<u64>| v.map(|v| Raw::Int(v.min(i64::MAX as u64) as i64));
+        let list = |v: &Vec<String>| (!v.is_empty()).then(|| Raw::List(v.clone()));
+        match name {
+            "host" => a.host.clone().map(Raw::Text),
+            "port" => int(a.port.map(u64::from)),
+            "api_key" => list(&a.api_key),
+            "api_keys_file" => a.api_keys_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "cors_origin" => list(&a.cors_origin),
+            "queue_capacity" => int(a.queue_capacity.map(|v| v as u64)),
+            "max_concurrent" => int(a.max_concurrent.map(|v| v as u64)),
+            "max_body_bytes" => int(a.max_body_bytes.map(|v| v as u64)),
+            "max_header_bytes" => int(a.max_header_bytes.map(|v| v as u64)),
+            "header_read_timeout_secs" => int(a.header_read_timeout_secs),
+            "max_prompt_tokens" => int(a.max_prompt_tokens.map(|v| v as u64)),
+            "max_tokens_limit" => int(a.max_tokens_limit.map(|v| v as u64)),
+            "default_max_tokens" => int(a.default_max_tokens.map(|v| v as u64)),
+            "shutdown_grace_secs" => int(a.shutdown_grace_secs),
+            "model_id" => a.model_id.clone().map(Raw::Text),
+            _ => None,
+        }
+    }
+
+    /// The value of a setting and its source, by precedence.
+    fn pick(&self, name: &str) -> Option<(Raw, Source)> {
+        if let Some(raw) = self.flag(name) {
+            return Some((raw, Source::Flag));
+        }
+        if let Some(text) = (self.env)(&env_name(name)) {
+            return Some((Raw::Text(text.trim().to_string()), Source::Env));
+        }
+        let value = self.file.get(name)?;
+        let src = Source::File(self.file_path.unwrap_or(Path::new("")).to_path_buf());
+        let raw = match value {
+            toml::Value::Integer(i) => Raw::Int(*i),
+            toml::Value::String(s) => Raw::Text(s.clone()),
+            toml::Value::Array(items) => Raw::List(
+                items.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| format!("\u{0}{v}"))).collect(),
+            ),
+            other => Raw::Text(format!("\u{0}{other}")),
+        };
+        Some((raw, src))
+    }
+
+    /// A whole number in `lo..=hi`, or `None` when the setting is not given.
+    fn int(&self, name: &str, lo: u64, hi: u64) -> Result<Option<u64>, ConfigError> {
+        let Some((raw, src)) = self.pick(name) else { return Ok(None) };
+        let err = |m: String| ConfigError::new(name, Some(src.clone()), m);
+        let value: i128 = match &raw {
+            Raw::Int(i) => *i as i128,
+            Raw::Text(t) => {
+                let shown = t.trim_start_matches('\u{0}');
+                t.trim().parse::<i128>().map_err(|_| err(format!("`{shown}` is not a whole number; allowed {lo}..={hi}")))?
+            }
+            Raw::List(_) => return Err(err(format!("expected a whole number in {lo}..={hi}, found a list"))),
+        };
+        if value < lo as i128 || value > hi as i128 {
+            return Err(err(format!("{value} is out of range; allowed {lo}..={hi}")));
+        }
+        Ok(Some(value as u64))
+    }
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let src = Some(Source::File(path.to_path_buf()));
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("config", src.clone(), format!("cannot read the file: {e}")))?;
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| ConfigError::new("config", src.clone(), format!("not valid TOML: {e}")))?;
+    for key in table.keys() {
+        if !SETTINGS.contains(&key.as_str()) {
+            return Err(ConfigError::new(
+                key,
+                src.clone(),
+                format!("unknown setting `{key}`; known settings: {}", SETTINGS.join(", ")),
+            ));
+        }
+    }
+    Ok(table)
+}
+
+fn parse_host(text: &str) -> Result<IpAddr, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    }
+    let t = t.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(t);
+    t.parse::<IpAddr>()
+        .map_err(|_| format!("`{}` is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1) or `localhost`", shown(text)))
+}
+
+/// The text of a value for an error message: a non-text TOML value (marked with a leading NUL) shows as TOML.
+fn shown(text: &str) -> String {
+    let t = text.trim_start_matches('\u{0}');
+    if t.chars().count() > 80 {
+        format!("{}…", t.chars().take(80).collect::<String>())
+    } else {
+        t.to_string()
+    }
+}
+
+fn check_key(key: &str) -> Result<(), String> {
+    let n = key.chars().count();
+    if !(16..=512).contains(&n) {
+        return Err(format!("an API key must have 16 to 512 characters (this one has {n})"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("an API key may hold only visible ASCII characters (no spaces)".into());
+    }
+    Ok(())
+}
+
+/// Reads a keys file: one sha256 hex digest per line; blank lines and `#` comments are skipped.
+pub fn read_key_digests(path: &Path) -> Result<Vec<[u8; 32]>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        // `sha256sum` prints "DIGEST  -"; accept its output as is.
+        let digest = line.split_whitespace().next().unwrap_or("");
+        let parsed = parse_hex32(digest).ok_or_else(|| {
+            format!("{} line {}: expected a sha256 hex digest (64 hex digits; make one with `printf %s KEY | sha256sum`)", path.display(), i + 1)
+        })?;
+        out.push(parsed);
+    }
+    if out.is_empty() {
+        return Err(format!("{} holds no key digests", path.display()));
+    }
+    Ok(out)
+}
+
+fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Checks a CORS origin (`http(s)://host[:port]`, nothing else) and returns it in lower case.
+pub fn parse_origin(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    if t == "*" {
+        return Err("`*` (any origin) is not allowed; list each origin, e.g. https://support.example.com".into());
+    }
+    let bad = || format!("`{}` is not an origin of the form http(s)://host[:port] (no path, no trailing slash)", shown(t));
+    let lower = t.to_ascii_lowercase();
+    let rest = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://")).ok_or_else(bad)?;
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let end = v6.find(']').ok_or_else(bad)?;
+        v6[..end].parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+        (&rest[..end + 2], &v6[end + 1..])
+    } else {
+        match rest.find(':') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        }
+    };
+    let host_ok = host.starts_with('[')
+        || (!host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            }));
+    if !host_ok {
+        return Err(bad());
+    }
+    if !port.is_empty() {
+        let digits = port.strip_prefix(':').ok_or_else(bad)?;
+        match digits.parse::<u16>() {
+            Ok(p) if p > 0 && !digits.starts_with('0') => {}
+            _ => return Err(bad()),
+        }
+    }
+    Ok(lower)
+}
+
+fn check_model_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{}` is not a model id: use 1 to 128 of A-Z a-z 0-9 . _ - : /", shown(id)))
+    }
+}
+
+/// The id of a model given by `--model`: its file name without `.gguf`.
+fn default_model_id(model: Option<&str>) -> Option<String> {
+    let m = model?;
+    let name = m.rsplit(['/', '\\']).next().unwrap_or(m);
+    let stem = name.strip_suffix(".gguf").unwrap_or(name);
+    check_model_id(stem).ok().map(|_| stem.to_string())
 }

@@ -157,6 +157,11 @@ impl Engine {
         &self.stats
     }
 
+    /// Whether the engine thread is alive and accepting jobs.
+    pub fn is_running(&self) -> bool {
+        self.tx.is_some() && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Queues a job; returns its event stream, or refuses at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<UnboundedReceiver<Event>, SubmitError> {
         if job.prompt.is_empty() {

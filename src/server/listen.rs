@@ -1,10 +1,244 @@
-//! Serving the router on a socket. (Skeleton: the operational helper fills in header timeouts and graceful shutdown.)
+//! Serving the router on a socket: our own accept loop over hyper's HTTP/1 connection builder, so
+//! that slow or oversized request heads are cut off (axum::serve arms no header timeout), and a
+//! graceful shutdown that stops accepting, lets in-flight requests finish within a grace period,
+//! then returns.
 
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::config::ServeArgs;
+use anyhow::Context;
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tower::ServiceExt;
 
-/// `helpline serve`: resolve the config, bind, load the model, serve until SIGTERM/SIGINT.
-pub fn run_cli(_model: Option<String>, _threads: usize, _args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet implemented")
+use super::{AppState, Loaded, SharedState};
+use crate::config::{self, ServeArgs, ServeConfig};
+use crate::engine::{Engine, EngineConfig, ModelBundle};
+use crate::model::fetch::{self, HubConfig};
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting (the listener is
+/// closed, so new connections are refused), lets open connections finish their in-flight request
+/// for up to `cfg.shutdown_grace`, cuts the rest, and returns.
+///
+/// Each connection: HTTP/1.1 with keep-alive; the request head must arrive within
+/// `cfg.header_read_timeout` (also while a kept-alive connection idles) and fit in
+/// `cfg.max_header_bytes`, else the connection is closed (431 for an oversized head).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    cfg: &ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_header_size(cfg.max_header_bytes)
+        .max_buf_size((cfg.max_header_bytes + 8192).max(64 << 10))
+        .keep_alive(true);
+
+    let graceful = GracefulShutdown::new();
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let svc = app.clone().map_request(move |mut req: hyper::Request<Incoming>| {
+                        req.extensions_mut().insert(ConnectInfo(peer));
+                        req
+                    });
+                    let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+                    let conn = graceful.watch(conn);
+                    conns.spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(peer = %peer, error = %e, "connection closed with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+
+    let open = graceful.count();
+    tracing::info!(open, grace_s = cfg.shutdown_grace.as_secs_f64(), "stopped accepting; draining connections");
+    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(cut = conns.len(), "shutdown grace period over; closing the remaining connections");
+    }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+    Ok(())
 }
+
+/// `helpline serve`: resolve the config, bind, load the model in the background, serve until
+/// SIGTERM/SIGINT, drain, and exit 0.
+pub fn run_cli(model: Option<String>, threads: usize, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(model, threads, args)?;
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("helpline-http")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (outcome, state) = rt.block_on(run(cfg))?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    // The engine goes last: it finishes or cancels what is left and joins its thread.
+    drop(state);
+    outcome.map(|()| ExitCode::SUCCESS)
+}
+
+async fn run(mut cfg: ServeConfig) -> anyhow::Result<(anyhow::Result<()>, SharedState)> {
+    let addr = SocketAddr::new(cfg.host, cfg.port);
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = listener.local_addr().with_context(|| format!("cannot listen on {addr}"))?;
+    cfg.port = bound.port();
+
+    // Handlers for SIGTERM/SIGINT exist before anyone learns where we listen.
+    let mut signals = Signals::new().context("cannot install signal handlers")?;
+
+    if !cfg.host.is_loopback() && cfg.api_key_hashes.is_empty() {
+        eprintln!(
+            "warning: listening on {} without API keys: anyone who can reach this address can use the server \
+             (set --api-key or --api-keys-file)",
+            cfg.host
+        );
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "Helpline listening on http://{bound} (model: {})", cfg.model_id)?;
+        out.flush()?;
+    }
+
+    let state = AppState::new(cfg.clone());
+    let app = super::router(state.clone());
+
+    let (load_tx, load_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    {
+        let state = state.clone();
+        std::thread::Builder::new()
+            .name("helpline-load".into())
+            .spawn(move || {
+                let _ = load_tx.send(load_model(&state));
+            })
+            .context("cannot start the model loading thread")?;
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let failure = Arc::new(Mutex::new(None::<String>));
+    let watcher = {
+        let failure = failure.clone();
+        tokio::spawn(async move {
+            let failed = tokio::select! {
+                _ = signals.recv() => None,
+                Ok(Err(msg)) = load_rx => Some(msg),
+            };
+            let was_signal = failed.is_none();
+            *failure.lock().unwrap_or_else(|e| e.into_inner()) = failed;
+            let _ = stop_tx.send(());
+            if was_signal {
+                eprintln!("helpline: shutting down; finishing in-flight requests (signal again to stop at once)");
+                signals.recv().await;
+                eprintln!("helpline: second signal; exiting now");
+                std::process::exit(1);
+            }
+        })
+    };
+
+    serve(listener, app, &cfg, async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .context("the server failed")?;
+    watcher.abort();
+
+    let outcome = match failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        Some(msg) => Err(anyhow::anyhow!("{msg}")),
+        None => Ok(()),
+    };
+    Ok((outcome, state))
+}
+
+/// Resolves, loads and starts the model, then makes it available to the handlers.
+fn load_model(state: &AppState) -> Result<(), String> {
+    let cfg = &state.config;
+    let start = Instant::now();
+    let path = fetch::resolve_model_arg(cfg.model.as_deref(), &HubConfig::from_env(), &mut |msg| eprintln!("{msg}"))
+        .map_err(|e| format!("cannot find the model: {e}"))?;
+    let device = device().map_err(|e| format!("cannot open the compute device: {e}"))?;
+    let bundle = ModelBundle::load(&path, &device).map_err(|e| format!("cannot load model {}: {e}", path.display()))?;
+    let engine = Engine::start(
+        &bundle.model,
+        bundle.tokenizer.clone(),
+        EngineConfig { queue_capacity: cfg.queue_capacity, max_active: cfg.max_concurrent, prefill_chunk: 256 },
+    )
+    .map_err(|e| format!("cannot start the engine: {e}"))?;
+    state.set_loaded(Loaded { bundle, engine });
+    eprintln!("helpline: model {} ready in {:.1} s", path.display(), start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn device() -> candle_core::Result<candle_core::Device> {
+    candle_core::Device::cuda_if_available(0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device() -> candle_core::Result<candle_core::Device> {
+    Ok(candle_core::Device::Cpu)
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), registered up front.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
+        }
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+

@@ -1,20 +1,250 @@
-//! Prometheus metrics. (Skeleton: the operational helper fills in storage and rendering.)
+//! Prometheus metrics: atomic counters and fixed-bucket histograms, plus two small mutex-guarded
+//! maps for the labelled counters. Rendered in the Prometheus text exposition format (0.0.4).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use crate::engine::EngineStats;
 
-#[derive(Debug, Default)]
-pub struct Metrics {}
+/// Upper bounds (seconds) of the time-to-first-token buckets.
+const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Upper bounds (seconds) of the inter-token latency buckets.
+const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+#[derive(Debug)]
+pub struct Metrics {
+    /// (route template, status) -> count.
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    rejections: Mutex<BTreeMap<&'static str, u64>>,
+    prompt_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    ttft: Histogram,
+    itl: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Mutex::new(BTreeMap::new()),
+            rejections: Mutex::new(BTreeMap::new()),
+            prompt_tokens: AtomicU64::new(0),
+            generated_tokens: AtomicU64::new(0),
+            ttft: Histogram::new(TTFT_BUCKETS),
+            itl: Histogram::new(ITL_BUCKETS),
+        }
+    }
+}
 
 impl Metrics {
-    pub fn record_request(&self, _route: &str, _status: u16) {}
-    pub fn add_prompt_tokens(&self, _n: u64) {}
-    pub fn add_generated_tokens(&self, _n: u64) {}
+    /// One finished request. `route` is the matched route template (e.g. `/v1/chat/completions`),
+    /// never the raw path, so the label set stays small. (The middleware calls this for every request.)
+    pub fn record_request(&self, route: &str, status: u16) {
+        let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry((route.to_string(), status)).or_insert(0) += 1;
+    }
+
+    pub fn add_prompt_tokens(&self, n: u64) {
+        self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_generated_tokens(&self, n: u64) {
+        self.generated_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Time to first token, seconds.
-    pub fn observe_ttft(&self, _secs: f64) {}
+    pub fn observe_ttft(&self, secs: f64) {
+        self.ttft.observe(secs);
+    }
+
     /// Inter-token latency, seconds.
-    pub fn observe_itl(&self, _secs: f64) {}
-    pub fn rejection(&self, _reason: &'static str) {}
-    pub fn render(&self, _engine: Option<&EngineStats>) -> String {
-        String::new()
+    pub fn observe_itl(&self, secs: f64) {
+        self.itl.observe(secs);
+    }
+
+    /// A request refused before generation (e.g. `queue_full`); one counter per reason.
+    pub fn rejection(&self, reason: &'static str) {
+        let mut map = self.rejections.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(reason).or_insert(0) += 1;
+    }
+
+    /// The exposition text; `engine` is `None` until the model has loaded (`helpline_ready` 0).
+    pub fn render(&self, engine: Option<&EngineStats>) -> String {
+        self.render_with(engine, engine.is_some())
+    }
+
+    /// Like [`render`](Self::render), with readiness decided by the caller (e.g. loaded but the engine stopped).
+    pub fn render_with(&self, engine: Option<&EngineStats>, ready: bool) -> String {
+        let mut out = String::with_capacity(4096);
+        gauge(&mut out, "helpline_up", "Whether the server process is up.", 1);
+        gauge(&mut out, "helpline_ready", "Whether the model is loaded and the engine accepts work.", ready as u64);
+
+        header(&mut out, "helpline_requests_total", "counter", "HTTP requests answered, by route template and status.");
+        {
+            let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+            for ((route, status), n) in map.iter() {
+                let _ = writeln!(out, "helpline_requests_total{{route=\"{}\",status=\"{status}\"}} {n}", escape_label(route));
+            }
+        }
+
+        counter(&mut out, "helpline_prompt_tokens_total", "Prompt tokens of requests admitted to generation.", self.prompt_tokens.load(Ordering::Relaxed));
+        counter(&mut out, "helpline_generated_tokens_total", "Tokens generated for clients.", self.generated_tokens.load(Ordering::Relaxed));
+        self.ttft.render(&mut out, "helpline_time_to_first_token_seconds", "Time from admission to the first generated token.");
+        self.itl.render(&mut out, "helpline_inter_token_latency_seconds", "Time between consecutive generated tokens of one request.");
+
+        let load = |f: fn(&EngineStats) -> u64| engine.map(f).unwrap_or(0);
+        gauge(&mut out, "helpline_queue_depth", "Requests waiting for a decoding slot.", load(|s| s.queued.load(Ordering::Relaxed) as u64));
+        gauge(&mut out, "helpline_active_sequences", "Sequences being decoded.", load(|s| s.active.load(Ordering::Relaxed) as u64));
+
+        header(&mut out, "helpline_rejections_total", "counter", "Requests refused before generation, by reason.");
+        {
+            let map = self.rejections.lock().unwrap_or_else(|e| e.into_inner());
+            for (reason, n) in map.iter() {
+                let _ = writeln!(out, "helpline_rejections_total{{reason=\"{}\"}} {n}", escape_label(reason));
+            }
+        }
+        counter(&mut out, "helpline_cancelled_total", "Generations stopped because the client went away.", load(|s| s.cancelled_total.load(Ordering::Relaxed)));
+        counter(&mut out, "helpline_completed_total", "Generations that ran to their end.", load(|s| s.completed_total.load(Ordering::Relaxed)));
+        out
+    }
+}
+
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    /// One count per bound, then the +Inf bucket (not cumulative; summed when rendered).
+    counts: Vec<AtomicU64>,
+    /// f64 bits of the sum of observations.
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum: AtomicU64::new(0f64.to_bits()) }
+    }
+
+    fn observe(&self, v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        let v = v.max(0.0);
+        let i = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        let mut cur = self.sum.load(Ordering::Relaxed);
+        loop {
+            let next = (f64::from_bits(cur) + v).to_bits();
+            match self.sum.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, "histogram", help);
+        let mut cumulative = 0u64;
+        for (i, c) in self.counts.iter().enumerate() {
+            cumulative += c.load(Ordering::Relaxed);
+            match self.bounds.get(i) {
+                Some(b) => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{name}_sum {}", f64::from_bits(self.sum.load(Ordering::Relaxed)));
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    header(out, name, "counter", help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    header(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
+/// A label value as the exposition format wants it: backslash, double quote and newline escaped.
+pub fn escape_label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let m = Metrics::default();
+        m.record_request("/v1/models", 200);
+        m.record_request("/v1/models", 200);
+        m.record_request("/v1/models", 401);
+        m.add_prompt_tokens(12);
+        m.add_generated_tokens(5);
+        m.observe_ttft(0.2);
+        m.observe_ttft(100.0);
+        m.observe_itl(0.003);
+        m.rejection("queue_full");
+        let text = m.render(None);
+        assert!(text.contains("helpline_requests_total{route=\"/v1/models\",status=\"200\"} 2\n"), "{text}");
+        assert!(text.contains("helpline_requests_total{route=\"/v1/models\",status=\"401\"} 1\n"));
+        assert!(text.contains("helpline_prompt_tokens_total 12\n"));
+        assert!(text.contains("helpline_generated_tokens_total 5\n"));
+        assert!(text.contains("helpline_time_to_first_token_seconds_bucket{le=\"0.1\"} 0\n"));
+        assert!(text.contains("helpline_time_to_first_token_seconds_bucket{le=\"0.25\"} 1\n"));
+        assert!(text.contains("helpline_time_to_first_token_seconds_bucket{le=\"60\"} 1\n"));
+        assert!(text.contains("helpline_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains("helpline_time_to_first_token_seconds_count 2\n"));
+        assert!(text.contains("helpline_time_to_first_token_seconds_sum 100.2\n"));
+        assert!(text.contains("helpline_inter_token_latency_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("helpline_rejections_total{reason=\"queue_full\"} 1\n"));
+        assert!(text.contains("helpline_ready 0\n"));
+        assert!(text.contains("helpline_up 1\n"));
+        // Every sample line is `name{labels} value` or `name value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let m = Metrics::default();
+        m.record_request("/x\"y", 404);
+        assert!(m.render(None).contains("route=\"/x\\\"y\""));
+    }
+
+    #[test]
+    fn engine_gauges() {
+        let s = EngineStats::default();
+        s.queued.store(3, Ordering::Relaxed);
+        s.active.store(2, Ordering::Relaxed);
+        s.cancelled_total.store(7, Ordering::Relaxed);
+        let text = Metrics::default().render(Some(&s));
+        assert!(text.contains("helpline_queue_depth 3\n"));
+        assert!(text.contains("helpline_active_sequences 2\n"));
+        assert!(text.contains("helpline_cancelled_total 7\n"));
+        assert!(text.contains("helpline_ready 1\n"));
     }
 }

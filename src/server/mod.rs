@@ -3,6 +3,8 @@
 //! `router(state)` builds the whole app (so tests can drive it on a real socket or in-process);
 //! `listen::serve` runs it with header timeouts, size caps and graceful shutdown.
 
+pub mod auth;
+pub mod dto;
 pub mod error;
 pub mod listen;
 pub mod metrics;
@@ -10,6 +12,8 @@ pub mod middleware;
 pub mod openai;
 pub mod openapi;
 pub mod ops;
+pub mod sse;
+pub mod validate;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;

@@ -7,3 +7,7 @@ mod generation;
 mod engine;
 mod cli;
 mod fetch;
+mod bench_serve;
+mod server_ops;
+mod server_support;
+mod server_api;

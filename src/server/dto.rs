@@ -1,0 +1,470 @@
+//! Wire types of the HTTP API. Requests follow OpenAI's shapes; Helpline's own additions live only
+//! under a `helpline` key. Request fields are read leniently (unknown fields are ignored, numbers
+//! are range-checked in `validate`, not by serde) so every out-of-range value gets the same 422.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::engine::{FinishReason as EngineFinishReason, Timings as EngineTimings};
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------------------------
+
+/// Declares a generation request: its own fields plus the sampling fields both endpoints share
+/// (kept flat, as OpenAI has them, without `serde(flatten)` so errors name the field at fault).
+macro_rules! generation_request {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            /// Stream the answer as server-sent events, ending with `data: [DONE]`.
+            pub stream: Option<bool>,
+            pub stream_options: Option<StreamOptions>,
+            /// Most tokens to generate (default: the server's `default_max_tokens`; at most its
+            /// `max_tokens_limit`). When the prompt leaves less room in the model's context,
+            /// generation stops there with `finish_reason: "length"`.
+            #[schema(minimum = 1)]
+            pub max_tokens: Option<i64>,
+            /// Same as `max_tokens`; takes precedence when both are given.
+            #[schema(minimum = 1)]
+            pub max_completion_tokens: Option<i64>,
+            /// 0 is greedy. Default 1.
+            #[schema(minimum = 0, maximum = 2)]
+            pub temperature: Option<f64>,
+            /// Nucleus sampling mass. Default 1 (off).
+            #[schema(exclusive_minimum = 0, maximum = 1)]
+            pub top_p: Option<f64>,
+            /// Seed of the sampler's random stream: the same seed and request give the same answer.
+            /// Without one, a random seed is drawn.
+            #[schema(minimum = 0)]
+            pub seed: Option<u64>,
+            /// Up to 4 non-empty strings; generation stops before the first one, which is not returned.
+            pub stop: Option<Stop>,
+            #[schema(minimum = -2, maximum = 2)]
+            pub presence_penalty: Option<f64>,
+            #[schema(minimum = -2, maximum = 2)]
+            pub frequency_penalty: Option<f64>,
+            /// Number of choices; only 1 is supported.
+            #[schema(minimum = 1, maximum = 1)]
+            pub n: Option<i64>,
+            /// End-user identifier; accepted and ignored.
+            pub user: Option<String>,
+            /// Helpline's sampling extensions.
+            pub helpline: Option<HelplineSampling>,
+        }
+
+        impl $name {
+            /// The shared sampling fields.
+            pub fn sampling(&self) -> SamplingFields {
+                SamplingFields {
+                    stream: self.stream,
+                    stream_options: self.stream_options.clone(),
+                    max_tokens: self.max_tokens,
+                    max_completion_tokens: self.max_completion_tokens,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    seed: self.seed,
+                    stop: self.stop.clone(),
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    n: self.n,
+                    helpline: self.helpline.clone(),
+                }
+            }
+        }
+    };
+}
+
+generation_request! {
+    /// `POST /v1/chat/completions`.
+    pub struct ChatCompletionRequest {
+        /// The served model's id (or its file name). Optional: the one loaded model answers either way.
+        pub model: Option<String>,
+        /// The conversation, oldest first. At least one message.
+        #[schema(value_type = Vec<ChatMessageIn>, required = true, min_items = 1)]
+        pub messages: Option<Vec<ChatMessageIn>>,
+    }
+}
+
+generation_request! {
+    /// `POST /v1/completions`.
+    pub struct CompletionRequest {
+        /// The served model's id (or its file name). Optional.
+        pub model: Option<String>,
+        /// Plain text (no chat template; BOS added when the model asks for it), or token ids used as given.
+        #[schema(value_type = Prompt, required = true)]
+        pub prompt: Option<Prompt>,
+        /// Not supported: `true` is refused.
+        pub echo: Option<bool>,
+    }
+}
+
+/// The sampling fields of a generation request (not a wire type of its own).
+#[derive(Debug, Clone, Default)]
+pub struct SamplingFields {
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub n: Option<i64>,
+    pub helpline: Option<HelplineSampling>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    /// Send one more chunk before `[DONE]` with `usage` and empty `choices`.
+    pub include_usage: Option<bool>,
+}
+
+/// Sampling knobs OpenAI does not define.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct HelplineSampling {
+    /// Keep only the k most likely tokens; 0 (default) disables.
+    #[schema(minimum = 0)]
+    pub top_k: Option<i64>,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 (default) disables.
+    #[schema(minimum = 0, maximum = 1)]
+    pub min_p: Option<f64>,
+    /// Multiplicative penalty on recently seen tokens; 1 (default) disables.
+    #[schema(exclusive_minimum = 0, maximum = 10)]
+    pub repeat_penalty: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<i64>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    /// OpenAI's newer name for `system`; treated as `system`.
+    Developer,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn template_name(self) -> &'static str {
+        match self {
+            Role::System | Role::Developer => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatMessageIn {
+    pub role: Role,
+    /// Text, or an array of text parts (joined with newlines). Only `assistant` messages may omit it.
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ContentPart {
+    /// Only `"text"` is supported.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// `POST /tokenize`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct TokenizeRequest {
+    #[schema(value_type = String, required = true)]
+    pub content: Option<String>,
+    /// Add BOS when the model asks for it. Default false.
+    pub add_special: Option<bool>,
+    /// Map special-token text (e.g. `<|im_start|>`) to its id instead of tokenizing it as plain text. Default false.
+    pub parse_special: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenizeResponse {
+    pub tokens: Vec<u32>,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct DetokenizeRequest {
+    #[schema(value_type = Vec<i64>, required = true)]
+    pub tokens: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DetokenizeResponse {
+    pub content: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End of the answer or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the model's context is full.
+    Length,
+}
+
+impl From<EngineFinishReason> for FinishReason {
+    fn from(r: EngineFinishReason) -> Self {
+        match r {
+            EngineFinishReason::Stop => FinishReason::Stop,
+            EngineFinishReason::Length => FinishReason::Length,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}
+
+/// Engine timings of one request (Helpline extension).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TimingsOut {
+    pub prompt_tokens_per_second: f64,
+    pub generation_tokens_per_second: f64,
+    pub prompt_ms: f64,
+    pub generation_ms: f64,
+    /// From the request's admission to a decoding slot to its first token.
+    pub time_to_first_token_ms: f64,
+}
+
+impl From<&EngineTimings> for TimingsOut {
+    fn from(t: &EngineTimings) -> Self {
+        TimingsOut {
+            prompt_tokens_per_second: t.prompt_tokens_per_second,
+            generation_tokens_per_second: t.generation_tokens_per_second,
+            prompt_ms: t.prompt_ms,
+            generation_ms: t.generation_ms,
+            time_to_first_token_ms: t.time_to_first_token_ms,
+        }
+    }
+}
+
+/// Helpline's additions to a response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HelplineInfo {
+    pub timings: TimingsOut,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ChatCompletionObject {
+    #[serde(rename = "chat.completion")]
+    ChatCompletion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ChatCompletionChunkObject {
+    #[serde(rename = "chat.completion.chunk")]
+    ChatCompletionChunk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum TextCompletionObject {
+    #[serde(rename = "text_completion")]
+    TextCompletion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ListObject {
+    #[serde(rename = "list")]
+    List,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ModelObject {
+    #[serde(rename = "model")]
+    Model,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum AssistantRole {
+    #[serde(rename = "assistant")]
+    Assistant,
+}
+
+/// Non-streaming answer of `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: ChatCompletionObject,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+    pub system_fingerprint: String,
+    pub helpline: HelplineInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    /// Always null: log probabilities are not supported.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AssistantMessage {
+    pub role: AssistantRole,
+    pub content: String,
+    /// Always null.
+    pub refusal: Option<String>,
+}
+
+/// One server-sent event of a streaming chat completion.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: ChatCompletionChunkObject,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    /// One choice; empty in the closing usage chunk.
+    pub choices: Vec<ChatChunkChoice>,
+    /// Present only with `stream_options.include_usage`: null except in the closing usage chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "nullable")]
+    #[schema(value_type = Option<Usage>)]
+    pub usage: Option<Option<Usage>>,
+    /// Timings, in the chunk that carries `finish_reason`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helpline: Option<HelplineInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<serde_json::Value>,
+    /// Null until the last content-bearing chunk.
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ChatDelta {
+    /// Only in the first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<AssistantRole>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// Answer of `POST /v1/completions`; streaming sends the same shape per event (with
+/// `finish_reason` null until the end, and `usage` as for chat chunks).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TextCompletion {
+    pub id: String,
+    pub object: TextCompletionObject,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<TextChoice>,
+    /// Always present when not streaming; when streaming, as for chat chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "nullable")]
+    #[schema(value_type = Option<Usage>)]
+    pub usage: Option<Option<Usage>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helpline: Option<HelplineInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TextChoice {
+    pub text: String,
+    pub index: u32,
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<serde_json::Value>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    pub object: ListObject,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: ModelObject,
+    /// Unix seconds (the model file's modification time when known).
+    pub created: u64,
+    pub owned_by: String,
+}
+
+/// Every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    /// Error class, e.g. `invalid_request_error`, `rate_limit_error`, `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Stable code, e.g. `invalid_value`, `model_not_found`, `context_length_exceeded`, `queue_full`.
+    pub code: String,
+    /// The request field at fault, if any.
+    pub param: Option<String>,
+}
+
+/// Serde helper for `Option<Option<T>>`: outer `None` is skipped, `Some(None)` is `null`.
+mod nullable {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<Option<T>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}

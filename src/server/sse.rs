@@ -1,0 +1,278 @@
+//! Shaping engine events into OpenAI answers: one JSON body, or a server-sent-event stream
+//! (`chat.completion.chunk` / `text_completion` events, then `data: [DONE]`), plus the
+//! per-request latency metrics.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::dto::{
+    AssistantMessage, AssistantRole, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionChunkObject,
+    ChatCompletionObject, ChatDelta, ErrorDetail, ErrorResponse, FinishReason, HelplineInfo, TextChoice, TextCompletion,
+    TextCompletionObject, TimingsOut, Usage,
+};
+use super::SharedState;
+use crate::engine::{Event, Timings};
+
+/// Which OpenAI endpoint the answer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// `/v1/chat/completions`
+    Chat,
+    /// `/v1/completions`
+    Text,
+}
+
+impl Flavor {
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Flavor::Chat => "chatcmpl-",
+            Flavor::Text => "cmpl-",
+        }
+    }
+}
+
+pub fn system_fingerprint() -> String {
+    format!("helpline-{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// What every chunk of one answer repeats.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub flavor: Flavor,
+    pub prompt_tokens: usize,
+    pub include_usage: bool,
+}
+
+impl Meta {
+    /// The non-streaming answer.
+    pub fn whole(&self, text: String, reason: FinishReason, completion_tokens: usize, timings: &Timings) -> Response {
+        let usage = Usage::new(self.prompt_tokens, completion_tokens);
+        let helpline = HelplineInfo { timings: TimingsOut::from(timings) };
+        match self.flavor {
+            Flavor::Chat => Json(ChatCompletion {
+                id: self.id.clone(),
+                object: ChatCompletionObject::ChatCompletion,
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage { role: AssistantRole::Assistant, content: text, refusal: None },
+                    logprobs: None,
+                    finish_reason: reason,
+                }],
+                usage,
+                system_fingerprint: self.system_fingerprint.clone(),
+                helpline,
+            })
+            .into_response(),
+            Flavor::Text => Json(TextCompletion {
+                id: self.id.clone(),
+                object: TextCompletionObject::TextCompletion,
+                created: self.created,
+                model: self.model.clone(),
+                system_fingerprint: self.system_fingerprint.clone(),
+                choices: vec![TextChoice { text, index: 0, logprobs: None, finish_reason: Some(reason) }],
+                usage: Some(Some(usage)),
+                helpline: Some(helpline),
+            })
+            .into_response(),
+        }
+    }
+
+    /// `usage` of a streamed chunk: absent unless asked for, then null until the usage chunk.
+    fn chunk_usage(&self, usage: Option<Usage>) -> Option<Option<Usage>> {
+        self.include_usage.then_some(usage)
+    }
+
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>, helpline: Option<HelplineInfo>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: ChatCompletionChunkObject::ChatCompletionChunk,
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.system_fingerprint.clone(),
+            choices,
+            usage: self.chunk_usage(usage),
+            helpline,
+        }
+    }
+
+    fn text_chunk(&self, choices: Vec<TextChoice>, usage: Option<Usage>, helpline: Option<HelplineInfo>) -> TextCompletion {
+        TextCompletion {
+            id: self.id.clone(),
+            object: TextCompletionObject::TextCompletion,
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.system_fingerprint.clone(),
+            choices,
+            usage: self.chunk_usage(usage),
+            helpline,
+        }
+    }
+
+    /// The chat stream opens with the assistant role and empty content, as OpenAI's does.
+    fn opening(&self) -> Option<SseEvent> {
+        match self.flavor {
+            Flavor::Chat => {
+                let delta = ChatDelta { role: Some(AssistantRole::Assistant), content: Some(String::new()) };
+                Some(json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None)))
+            }
+            Flavor::Text => None,
+        }
+    }
+
+    fn content(&self, text: String) -> SseEvent {
+        match self.flavor {
+            Flavor::Chat => {
+                let delta = ChatDelta { role: None, content: Some(text) };
+                json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None))
+            }
+            Flavor::Text => json_event(&self.text_chunk(vec![text_choice(text, None)], None, None)),
+        }
+    }
+
+    fn finish(&self, reason: FinishReason, timings: &Timings) -> SseEvent {
+        let helpline = Some(HelplineInfo { timings: TimingsOut::from(timings) });
+        match self.flavor {
+            Flavor::Chat => json_event(&self.chat_chunk(vec![chat_choice(ChatDelta::default(), Some(reason))], None, helpline)),
+            Flavor::Text => json_event(&self.text_chunk(vec![text_choice(String::new(), Some(reason))], None, helpline)),
+        }
+    }
+
+    fn usage(&self, usage: Usage) -> SseEvent {
+        match self.flavor {
+            Flavor::Chat => json_event(&self.chat_chunk(Vec::new(), Some(usage), None)),
+            Flavor::Text => json_event(&self.text_chunk(Vec::new(), Some(usage), None)),
+        }
+    }
+}
+
+fn chat_choice(delta: ChatDelta, finish_reason: Option<FinishReason>) -> ChatChunkChoice {
+    ChatChunkChoice { index: 0, delta, logprobs: None, finish_reason }
+}
+
+fn text_choice(text: String, finish_reason: Option<FinishReason>) -> TextChoice {
+    TextChoice { text, index: 0, logprobs: None, finish_reason }
+}
+
+fn json_event<T: Serialize>(value: &T) -> SseEvent {
+    // Serializing these plain structs cannot fail.
+    SseEvent::default().data(serde_json::to_string(value).unwrap_or_default())
+}
+
+/// The error event a stream ends with when generation fails after the headers went out.
+fn error_event() -> SseEvent {
+    json_event(&ErrorResponse {
+        error: ErrorDetail {
+            message: "the server failed to finish this answer".into(),
+            kind: "server_error".into(),
+            code: "internal_error".into(),
+            param: None,
+        },
+    })
+}
+
+/// Per-request token metrics: time to first token (from submission, so queueing counts) and the
+/// gaps between consecutive tokens.
+pub struct Tracker {
+    state: SharedState,
+    submitted: Instant,
+    last: Option<Instant>,
+    tokens: usize,
+}
+
+impl Tracker {
+    pub fn new(state: SharedState, submitted: Instant) -> Self {
+        Tracker { state, submitted, last: None, tokens: 0 }
+    }
+
+    pub fn on_token(&mut self) {
+        let now = Instant::now();
+        let metrics = &self.state.metrics;
+        match self.last {
+            None => metrics.observe_ttft((now - self.submitted).as_secs_f64()),
+            Some(prev) => metrics.observe_itl((now - prev).as_secs_f64()),
+        }
+        metrics.add_generated_tokens(1);
+        self.last = Some(now);
+        self.tokens += 1;
+    }
+
+    /// Tokens generated so far (the answer's `completion_tokens`).
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+}
+
+struct StreamState {
+    /// `None` once the answer is complete: the receiver is dropped as soon as it is no longer needed.
+    rx: Option<UnboundedReceiver<Event>>,
+    meta: Meta,
+    tracker: Tracker,
+    pending: VecDeque<SseEvent>,
+}
+
+/// The SSE answer, with a keep-alive comment after every `keep_alive` without an event (zero: none).
+/// The stream owns `rx`; dropping the response body (client gone) drops it.
+pub fn stream(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker, keep_alive: Duration) -> Response {
+    let events = events(rx, meta, tracker);
+    if keep_alive.is_zero() {
+        Sse::new(events).into_response()
+    } else {
+        Sse::new(events).keep_alive(KeepAlive::new().interval(keep_alive)).into_response()
+    }
+}
+
+fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    let pending: VecDeque<SseEvent> = meta.opening().into_iter().collect();
+    let state = StreamState { rx: Some(rx), meta, tracker, pending };
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(ev) = s.pending.pop_front() {
+                return Some((Ok(ev), s));
+            }
+            let rx = s.rx.as_mut()?;
+            match rx.recv().await {
+                Some(Event::Token { text, .. }) => {
+                    s.tracker.on_token();
+                    if !text.is_empty() {
+                        s.pending.push_back(s.meta.content(text));
+                    }
+                }
+                Some(Event::Done { reason, text, timings }) => {
+                    s.rx = None;
+                    if !text.is_empty() {
+                        s.pending.push_back(s.meta.content(text));
+                    }
+                    s.pending.push_back(s.meta.finish(reason.into(), &timings));
+                    if s.meta.include_usage {
+                        s.pending.push_back(s.meta.usage(Usage::new(s.meta.prompt_tokens, s.tracker.tokens())));
+                    }
+                    s.pending.push_back(SseEvent::default().data("[DONE]"));
+                }
+                Some(Event::Error(e)) => {
+                    tracing::error!(id = %s.meta.id, detail = %e, "generation failed mid-stream");
+                    s.rx = None;
+                    s.pending.push_back(error_event());
+                }
+                None => {
+                    tracing::error!(id = %s.meta.id, "the engine dropped a streamed request before it finished");
+                    s.rx = None;
+                    s.pending.push_back(error_event());
+                }
+            }
+        }
+    })
+}

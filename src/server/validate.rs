@@ -1,0 +1,271 @@
+//! Raw requests -> validated, tokenized engine jobs. Every refusal is an [`ApiError`] naming the
+//! field and the bound; nothing here is silently corrected except `max_tokens`, which is clamped
+//! to the room the prompt leaves in the model's context (the answer then ends with `length`).
+
+use crate::config::ServeConfig;
+use crate::engine::{Job, ModelBundle};
+use crate::sampler::{ParamError, SamplingParams};
+use crate::tokenizer::{ChatMessage, TokenizerError};
+
+use super::dto::{ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, Prompt, Role, SamplingFields, Stop};
+use super::error::ApiError;
+use super::Loaded;
+
+/// Most stop strings a request may give (as OpenAI).
+pub const MAX_STOP_STRINGS: usize = 4;
+
+/// A generation request ready for [`crate::engine::Engine::submit`].
+#[derive(Debug, Clone)]
+pub struct ValidGeneration {
+    /// Prompt ids, sampling parameters, stop strings and `max_tokens` already clamped to the context.
+    pub job: Job,
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+}
+
+/// The sampling part of a request, checked but not yet fitted to a prompt.
+#[derive(Debug, Clone)]
+pub struct ValidSampling {
+    pub params: SamplingParams,
+    /// As asked (or the server default), before clamping to the context.
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// `POST /v1/chat/completions`: model, sampling, messages -> chat-template prompt that fits.
+pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> Result<ValidGeneration, ApiError> {
+    check_model(req.model.as_deref(), cfg, &loaded.bundle)?;
+    let sampling = sampling(&req.sampling(), cfg)?;
+    let messages = chat_messages(req.messages.as_deref().unwrap_or_default())?;
+    let prompt = loaded.bundle.chat_prompt(&messages).map_err(|e| match e {
+        TokenizerError::TemplateRender(m) | TokenizerError::TemplateLimit(m) => {
+            ApiError::invalid_field("messages", format!("the model's chat template rejected the conversation: {m}"))
+        }
+        other => ApiError::internal(other),
+    })?;
+    finish(prompt, sampling, cfg, loaded.engine.max_positions())
+}
+
+/// `POST /v1/completions`: model, sampling, text or token-id prompt -> prompt that fits.
+pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> Result<ValidGeneration, ApiError> {
+    check_model(req.model.as_deref(), cfg, &loaded.bundle)?;
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid_field("echo", "`echo` is not supported (only false)"));
+    }
+    let sampling = sampling(&req.sampling(), cfg)?;
+    let prompt = match &req.prompt {
+        None => return Err(ApiError::invalid_field("prompt", "`prompt` is required")),
+        Some(Prompt::Text(text)) => loaded.bundle.text_prompt(text).map_err(ApiError::internal)?,
+        Some(Prompt::Tokens(ids)) => token_ids("prompt", ids, loaded.bundle.tokenizer.vocab_size())?,
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_field("prompt", "`prompt` must not be empty"));
+    }
+    finish(prompt, sampling, cfg, loaded.engine.max_positions())
+}
+
+fn finish(prompt: Vec<u32>, s: ValidSampling, cfg: &ServeConfig, max_positions: usize) -> Result<ValidGeneration, ApiError> {
+    let max_tokens = fit_context(prompt.len(), s.max_tokens, cfg, max_positions)?;
+    Ok(ValidGeneration {
+        job: Job { prompt, params: s.params, max_tokens, stop: s.stop, skip_special: true },
+        stream: s.stream,
+        include_usage: s.include_usage,
+    })
+}
+
+/// The prompt is never truncated: over the limit is a 400 `context_length_exceeded` stating both
+/// counts. The limit is the server's `max_prompt_tokens`, and the model's context less the one
+/// position the answer needs. Returns `max_tokens` clamped to the room the prompt leaves.
+pub fn fit_context(prompt_tokens: usize, max_tokens: usize, cfg: &ServeConfig, max_positions: usize) -> Result<usize, ApiError> {
+    let model_fit = max_positions.saturating_sub(1);
+    let fit = cfg.max_prompt_tokens.min(model_fit);
+    if prompt_tokens > fit {
+        let why = if cfg.max_prompt_tokens < model_fit {
+            format!("the server accepts at most {fit} prompt tokens")
+        } else {
+            format!("the model's context holds {max_positions} tokens and at least one must remain for the answer, so at most {fit} fit")
+        };
+        return Err(ApiError::bad_request(
+            "context_length_exceeded",
+            format!("the prompt has {prompt_tokens} tokens, but {why}; shorten the messages or the prompt"),
+        ));
+    }
+    Ok(max_tokens.min(max_positions - prompt_tokens))
+}
+
+/// `model` is optional; when given it must name the served model: its id or its file name (with
+/// or without the `.gguf` extension). Otherwise 404 `model_not_found`.
+pub fn check_model(requested: Option<&str>, cfg: &ServeConfig, bundle: &ModelBundle) -> Result<(), ApiError> {
+    match requested {
+        Some(name) if !model_matches(name, cfg, bundle) => Err(model_not_found(name, cfg)),
+        _ => Ok(()),
+    }
+}
+
+pub fn model_matches(name: &str, cfg: &ServeConfig, bundle: &ModelBundle) -> bool {
+    if name == cfg.model_id {
+        return true;
+    }
+    let file_name = bundle.path.file_name().map(|n| n.to_string_lossy());
+    let stem = bundle.path.file_stem().map(|n| n.to_string_lossy());
+    !name.is_empty() && (file_name.as_deref() == Some(name) || stem.as_deref() == Some(name))
+}
+
+pub fn model_not_found(name: &str, cfg: &ServeConfig) -> ApiError {
+    let mut e = ApiError::not_found("model_not_found", format!("the model `{name}` does not exist; this server serves `{}`", cfg.model_id));
+    e.param = Some("model".into());
+    e
+}
+
+/// The message format of [`ParamError`], for bounds that are not `'static`.
+fn out_of_range(field: &str, bound: impl std::fmt::Display, got: impl std::fmt::Display) -> ApiError {
+    ApiError::invalid_field(field, format!("`{field}` must be {bound} (got {got})"))
+}
+
+fn check_f64(field: &'static str, bound: &'static str, value: Option<f64>, ok: impl Fn(f64) -> bool) -> Result<Option<f64>, ApiError> {
+    match value {
+        Some(v) if !(v.is_finite() && ok(v)) => {
+            let e = ParamError { field, bound, value: v.to_string() };
+            Err(ApiError::invalid_field(field, e.to_string()))
+        }
+        other => Ok(other),
+    }
+}
+
+/// Checks the shared sampling fields against their bounds and the server's limits.
+pub fn sampling(f: &SamplingFields, cfg: &ServeConfig) -> Result<ValidSampling, ApiError> {
+    if let Some(n) = f.n {
+        if n != 1 {
+            return Err(ApiError::invalid_field("n", format!("only `n` = 1 is supported (got {n})")));
+        }
+    }
+    let limit = cfg.max_tokens_limit;
+    let mut max_tokens = cfg.default_max_tokens.min(limit).max(1);
+    for (field, value) in [("max_tokens", f.max_tokens), ("max_completion_tokens", f.max_completion_tokens)] {
+        if let Some(v) = value {
+            if v < 1 || v as u64 > limit as u64 {
+                return Err(out_of_range(field, format_args!("in [1, {limit}]"), v));
+            }
+            max_tokens = v as usize;
+        }
+    }
+
+    let temperature = check_f64("temperature", "in [0, 2]", f.temperature, |v| (0.0..=2.0).contains(&v))?;
+    let top_p = check_f64("top_p", "in (0, 1]", f.top_p, |v| v > 0.0 && v <= 1.0)?;
+    let presence = check_f64("presence_penalty", "in [-2, 2]", f.presence_penalty, |v| (-2.0..=2.0).contains(&v))?;
+    let frequency = check_f64("frequency_penalty", "in [-2, 2]", f.frequency_penalty, |v| (-2.0..=2.0).contains(&v))?;
+    let ext = f.helpline.clone().unwrap_or_default();
+    let min_p = check_f64("helpline.min_p", "in [0, 1]", ext.min_p, |v| (0.0..=1.0).contains(&v))?;
+    let repeat_penalty = check_f64("helpline.repeat_penalty", "in (0, 10]", ext.repeat_penalty, |v| v > 0.0 && v <= 10.0)?;
+    let top_k = match ext.top_k {
+        Some(k) if k < 0 => return Err(out_of_range("helpline.top_k", "at least 0", k)),
+        Some(k) => k as usize,
+        None => 0,
+    };
+
+    let defaults = SamplingParams::default();
+    let params = SamplingParams {
+        // OpenAI's default temperature.
+        temperature: temperature.unwrap_or(1.0) as f32,
+        top_k,
+        top_p: top_p.map_or(defaults.top_p, |v| v as f32),
+        min_p: min_p.map_or(defaults.min_p, |v| v as f32),
+        seed: f.seed.unwrap_or_else(rand::random),
+        repeat_penalty: repeat_penalty.map_or(defaults.repeat_penalty, |v| v as f32),
+        repeat_last_n: defaults.repeat_last_n,
+        presence_penalty: presence.map_or(defaults.presence_penalty, |v| v as f32),
+        frequency_penalty: frequency.map_or(defaults.frequency_penalty, |v| v as f32),
+    };
+    // The sampler's own check (same messages) guards anything the f32 conversion could bend.
+    params.validate().map_err(|e| {
+        let field = if matches!(e.field, "min_p" | "repeat_penalty") { format!("helpline.{}", e.field) } else { e.field.to_string() };
+        ApiError::invalid_field(&field, e.to_string())
+    })?;
+
+    Ok(ValidSampling {
+        params,
+        max_tokens,
+        stop: stop_strings(f.stop.as_ref())?,
+        stream: f.stream.unwrap_or(false),
+        include_usage: f.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+    })
+}
+
+/// `stop`: a string or up to [`MAX_STOP_STRINGS`] strings, none empty.
+pub fn stop_strings(stop: Option<&Stop>) -> Result<Vec<String>, ApiError> {
+    let list = match stop {
+        None => return Ok(Vec::new()),
+        Some(Stop::One(s)) => std::slice::from_ref(s),
+        Some(Stop::Many(v)) => v.as_slice(),
+    };
+    if list.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid_field("stop", format!("`stop` must hold at most {MAX_STOP_STRINGS} strings (got {})", list.len())));
+    }
+    if list.iter().any(String::is_empty) {
+        return Err(ApiError::invalid_field("stop", "`stop` strings must not be empty"));
+    }
+    Ok(list.to_vec())
+}
+
+/// OpenAI messages -> template messages. Text parts are joined with newlines; only `assistant`
+/// messages may leave `content` out (it is then empty).
+pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_field("messages", "`messages` must hold at least one message"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match &m.content {
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut texts = Vec::with_capacity(parts.len());
+                    for (j, p) in parts.iter().enumerate() {
+                        if p.kind != "text" {
+                            let field = format!("messages[{i}].content[{j}].type");
+                            return Err(ApiError::invalid_field(
+                                &field,
+                                format!("`{field}` must be \"text\" (got {:?}); only text content is supported", p.kind),
+                            ));
+                        }
+                        match &p.text {
+                            Some(t) => texts.push(t.as_str()),
+                            None => {
+                                let field = format!("messages[{i}].content[{j}].text");
+                                return Err(ApiError::invalid_field(&field, format!("`{field}` is required")));
+                            }
+                        }
+                    }
+                    texts.join("\n")
+                }
+                None if m.role == Role::Assistant => String::new(),
+                None => {
+                    let field = format!("messages[{i}].content");
+                    return Err(ApiError::invalid_field(&field, format!("`{field}` is required")));
+                }
+            };
+            Ok(ChatMessage { role: m.role.template_name().to_string(), content })
+        })
+        .collect()
+}
+
+/// Token ids from a request: each in `[0, vocab_size)`, else 422 naming `field`.
+pub fn token_ids(field: &str, ids: &[i64], vocab_size: usize) -> Result<Vec<u32>, ApiError> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            if id < 0 || id as u64 >= vocab_size as u64 {
+                Err(ApiError::invalid_field(
+                    field,
+                    format!("`{field}` token ids must be in [0, {}] (got {id} at index {i})", vocab_size.saturating_sub(1)),
+                ))
+            } else {
+                Ok(id as u32)
+            }
+        })
+        .collect()
+}
