@@ -2,6 +2,7 @@
 pub mod config;
 pub mod fetch;
 pub mod gguf;
+pub mod kernels;
 pub mod transformer;
 
 use std::path::{Path, PathBuf};

@@ -14,13 +14,43 @@ use candle_transformers::quantized_nn::RmsNorm;
 
 use super::config::{Activation, Arch, ModelConfig, RopeStyle};
 use super::gguf::GgufFile;
+use super::kernels::{self, FastQMatMul};
 use super::ModelError;
 
 /// Longest position table precomputed; longer contexts are refused rather than silently wrapped.
 const MAX_POSITIONS: usize = 1 << 17;
 
+/// A layer projection: the fast CPU kernel of [`kernels`] where it supports the weight type,
+/// candle's `QMatMul` otherwise.
+enum Proj {
+    Fast(FastQMatMul),
+    Candle(QMatMul),
+}
+
+impl Proj {
+    fn new(t: QTensor) -> candle_core::Result<Self> {
+        let t = Arc::new(t);
+        let candle = QMatMul::from_arc(t.clone())?;
+        // Only where candle would multiply the quantized weights itself (it dequantizes float
+        // types, or everything when asked to through its environment switches).
+        if matches!(candle, QMatMul::QTensor(_)) && kernels::enabled() {
+            if let Some(fast) = FastQMatMul::new(&t) {
+                return Ok(Proj::Fast(fast));
+            }
+        }
+        Ok(Proj::Candle(candle))
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Proj::Fast(w) => w.forward(x),
+            Proj::Candle(w) => w.forward(x),
+        }
+    }
+}
+
 struct Linear {
-    weight: QMatMul,
+    weight: Proj,
     bias: Option<Tensor>,
 }
 
@@ -41,21 +71,21 @@ enum AttnProj {
 }
 
 enum FfnProj {
-    Gated { gate: QMatMul, up: QMatMul },
+    Gated { gate: Proj, up: Proj },
     /// Phi-3 packs gate and up into one matrix: first half gate, second half up.
-    FusedGateUp(QMatMul),
+    FusedGateUp(Proj),
 }
 
 struct Layer {
     attn_norm: RmsNorm,
     attn: AttnProj,
-    attn_out: QMatMul,
+    attn_out: Proj,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     ffn: FfnProj,
-    ffn_down: QMatMul,
+    ffn_down: Proj,
     post_ffn_norm: Option<RmsNorm>,
     window: Option<usize>,
     rope: Arc<Rope>,
@@ -166,9 +196,9 @@ impl TensorSource<'_> {
         self.opt(name)?.ok_or_else(|| ModelError::MissingTensor(name.to_string()))
     }
 
-    fn matmul(&mut self, name: &str) -> Result<QMatMul, ModelError> {
+    fn matmul(&mut self, name: &str) -> Result<Proj, ModelError> {
         let t = self.get(name)?;
-        Ok(QMatMul::from_qtensor(t)?)
+        Ok(Proj::new(t)?)
     }
 
     fn linear(&mut self, prefix: &str) -> Result<Linear, ModelError> {

@@ -11,3 +11,4 @@ mod bench_serve;
 mod server_ops;
 mod server_support;
 mod server_api;
+mod kernels;
