@@ -97,11 +97,16 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(cfg: &ModelConfig, base: f32, scale: f32, device: &Device) -> candle_core::Result<Self> {
+    /// `factors`: per-pair frequency divisors (Llama 3.1's `rope_freqs.weight`), applied as ggml does.
+    fn new(cfg: &ModelConfig, base: f32, scale: f32, factors: Option<&[f32]>, device: &Device) -> candle_core::Result<Self> {
         let positions = cfg.context_length.clamp(1, MAX_POSITIONS);
         let half = cfg.rope_dim / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / base.powf(2.0 * i as f32 / cfg.rope_dim as f32)).collect();
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let factor = factors.map_or(1.0, |f| f[i]);
+                1.0 / base.powf(2.0 * i as f32 / cfg.rope_dim as f32) / factor
+            })
+            .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let pos = Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?;
         let pos = (pos / scale as f64)?.reshape((positions, 1))?;
@@ -243,9 +248,30 @@ impl Weights {
         };
         let output_norm = src.norm("output_norm.weight", eps)?;
 
-        let rope_global = Arc::new(Rope::new(&cfg, cfg.rope_base, cfg.rope_scale, device)?);
+        // Phi-3 "longrope" needs separate long/short factors and an attention scale, which this
+        // transformer does not implement: refuse rather than run with the wrong positions.
+        if src.file.content.tensor_infos.contains_key("rope_factors_long.weight") {
+            return Err(ModelError::BadConfig(
+                "rope_factors_long/short (Phi-3 longrope scaling) is not supported".into(),
+            ));
+        }
+        let factors = match src.opt("rope_freqs.weight")? {
+            Some(t) => {
+                let f: Vec<f32> = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+                if f.len() != cfg.rope_dim / 2 || f.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+                    return Err(ModelError::BadConfig(format!(
+                        "rope_freqs.weight must hold {} positive factors (has {})",
+                        cfg.rope_dim / 2,
+                        f.len()
+                    )));
+                }
+                Some(f)
+            }
+            None => None,
+        };
+        let rope_global = Arc::new(Rope::new(&cfg, cfg.rope_base, cfg.rope_scale, factors.as_deref(), device)?);
         let rope_local = if cfg.sliding_window.is_some() {
-            Arc::new(Rope::new(&cfg, cfg.rope_base_local, 1.0, device)?)
+            Arc::new(Rope::new(&cfg, cfg.rope_base_local, 1.0, None, device)?)
         } else {
             rope_global.clone()
         };

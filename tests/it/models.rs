@@ -38,6 +38,11 @@ fn ones(n: usize) -> QTensor {
 
 /// Writes a tiny model of architecture `arch` (names and shapes as llama.cpp writes them).
 pub fn write_tiny(dir: &Path, arch: &str) -> PathBuf {
+    write_tiny_with(dir, arch, "", Vec::new())
+}
+
+/// Like [`write_tiny`], with extra tensors; `tag` keeps the file names apart.
+fn write_tiny_with(dir: &Path, arch: &str, tag: &str, extra: Vec<(String, QTensor)>) -> PathBuf {
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         (format!("{arch}.block_count"), Value::U32(LAYERS as u32)),
@@ -97,7 +102,8 @@ pub fn write_tiny(dir: &Path, arch: &str) -> PathBuf {
             tensors.push((format!("{p}.post_ffw_norm.weight"), ones(EMBD)));
         }
     }
-    let path = dir.join(format!("tiny-{arch}.gguf"));
+    tensors.extend(extra);
+    let path = dir.join(format!("tiny-{arch}{tag}.gguf"));
     let mut f = std::fs::File::create(&path).unwrap();
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -248,4 +254,28 @@ fn batched_forward_equals_one_sequence_at_a_time() {
             }
         }
     }
+}
+
+fn factors(values: Vec<f32>) -> QTensor {
+    let n = values.len();
+    QTensor::quantize(&Tensor::from_vec(values, n, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
+}
+
+#[test]
+fn rope_frequency_factors_are_applied_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = [3u32, 17, 42, 5, 9, 60];
+    let run = |path: PathBuf| {
+        let model = Model::load(&path, &Device::Cpu).map_err(|e| e.to_string())?;
+        Ok::<_, String>(logits(&model, &tokens, &mut model.weights.new_cache()))
+    };
+    let plain = run(write_tiny(dir.path(), "llama")).unwrap();
+    let ones = run(write_tiny_with(dir.path(), "llama", "-ones", vec![("rope_freqs.weight".into(), factors(vec![1.0; HEAD_DIM / 2]))])).unwrap();
+    assert_eq!(plain, ones, "factors of 1 change nothing");
+    let scaled = run(write_tiny_with(dir.path(), "llama", "-x8", vec![("rope_freqs.weight".into(), factors(vec![8.0; HEAD_DIM / 2]))])).unwrap();
+    assert!(max_abs_diff(&plain, &scaled) > 1e-4, "factors must change the rotation");
+    let err = run(write_tiny_with(dir.path(), "llama", "-short", vec![("rope_freqs.weight".into(), factors(vec![1.0; 3]))])).unwrap_err();
+    assert!(err.contains("rope_freqs.weight must hold 4 positive factors"), "{err}");
+    let err = run(write_tiny_with(dir.path(), "phi3", "-long", vec![("rope_factors_long.weight".into(), factors(vec![1.0; HEAD_DIM / 2]))])).unwrap_err();
+    assert!(err.contains("longrope") && err.contains("not supported"), "{err}");
 }
