@@ -215,8 +215,8 @@ impl Drop for Engine {
     }
 }
 
-/// Runs a job to completion on the calling thread's view of the engine and collects the text.
-/// Convenience for the CLI and tests.
+/// Waits for a job's events (blocking the calling thread) and collects its text, streamed ids,
+/// finish reason and timings. Convenience for tests and simple callers.
 pub fn collect(mut rx: UnboundedReceiver<Event>) -> Result<(String, Vec<u32>, FinishReason, Timings), String> {
     let mut text = String::new();
     let mut ids = Vec::new();

@@ -88,7 +88,7 @@ impl ModelConfig {
         let n_embd = file.get_u32(&key("embedding_length"))? as usize;
         let n_head = file.get_u32(&key("attention.head_count"))? as usize;
         let n_head_kv = file.get_opt_u32(&key("attention.head_count_kv"))?.map(|v| v as usize).unwrap_or(n_head);
-        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+        if n_head == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
             return Err(ModelError::BadConfig(format!(
                 "attention.head_count ({n_head}) must be a positive multiple of attention.head_count_kv ({n_head_kv})"
             )));
@@ -96,7 +96,7 @@ impl ModelConfig {
         let head_dim = match file.get_opt_u32(&key("attention.key_length"))? {
             Some(v) => v as usize,
             None => {
-                if n_embd % n_head != 0 {
+                if !n_embd.is_multiple_of(n_head) {
                     return Err(ModelError::BadConfig(format!(
                         "embedding_length ({n_embd}) is not a multiple of attention.head_count ({n_head})"
                     )));

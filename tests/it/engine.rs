@@ -40,7 +40,7 @@ fn greedy_answer_ends_at_end_of_turn_with_reference_text() {
 #[test]
 fn concurrent_jobs_produce_the_same_output_as_sequential_ones() {
     let questions = ["How do I reset my password?", "What is two-factor authentication?", "Can I get a refund?", "Hi!"];
-    let params = |i: usize| if i % 2 == 0 { SamplingParams::greedy() } else { sampled(i as u64) };
+    let params = |i: usize| if i.is_multiple_of(2) { SamplingParams::greedy() } else { sampled(i as u64) };
     let e = engine(1, 8);
     let sequential: Vec<_> =
         questions.iter().enumerate().map(|(i, q)| collect(e.submit(job(q, params(i), 24)).unwrap()).unwrap().1).collect();

@@ -28,7 +28,7 @@ fn weights(shape: &[usize], seed: u64) -> QTensor {
         .collect();
     let t = Tensor::from_vec(data, shape, &Device::Cpu).unwrap();
     // Matrices whose rows are a multiple of 32 are stored as Q8_0 to exercise quantized matmuls.
-    let dtype = if shape.len() == 2 && shape[1] % 32 == 0 { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+    let dtype = if shape.len() == 2 && shape[1].is_multiple_of(32) { GgmlDType::Q8_0 } else { GgmlDType::F32 };
     QTensor::quantize(&t, dtype).unwrap()
 }
 
