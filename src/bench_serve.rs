@@ -68,6 +68,10 @@ pub struct ServeBenchArgs {
     /// Limit for the whole run (warm-up included); requests still running then count as failed.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+    /// Send `helpline.grounding` with every request (Helpline servers only): `true` answers from the
+    /// docs (retrieval in the measured time), `false` plain chat. Not sent when absent.
+    #[arg(long, value_name = "BOOL")]
+    pub grounding: Option<bool>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -101,6 +105,7 @@ impl ServeBenchArgs {
             temperature: self.temperature,
             warmup: self.warmup,
             timeout: Duration::from_secs(self.timeout_secs),
+            grounding: self.grounding,
         })
     }
 }
@@ -124,6 +129,8 @@ pub struct ServeBenchConfig {
     pub warmup: usize,
     /// Limit for the whole run.
     pub timeout: Duration,
+    /// `helpline.grounding` sent with each request; `None` sends nothing (any OpenAI server).
+    pub grounding: Option<bool>,
 }
 
 impl ServeBenchConfig {
@@ -140,6 +147,7 @@ impl ServeBenchConfig {
             temperature: 0.0,
             warmup: 0,
             timeout: Duration::from_secs(600),
+            grounding: None,
         }
     }
 
@@ -396,6 +404,7 @@ pub async fn run(cfg: ServeBenchConfig) -> Result<Report> {
         prompts: cfg.prompts.clone(),
         deadline,
         timeout: cfg.timeout,
+        grounding: cfg.grounding,
     });
     let mut slots: Vec<Option<Conn>> = (0..cfg.concurrency).map(|_| None).collect();
     let mut timed_out = false;
@@ -419,6 +428,7 @@ struct Shared {
     prompts: Vec<String>,
     deadline: Instant,
     timeout: Duration,
+    grounding: Option<bool>,
 }
 
 impl Shared {
@@ -427,15 +437,18 @@ impl Shared {
     }
 
     fn request(&self, prompt: &str) -> Vec<u8> {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "model": self.model,
             "messages": [{ "role": "user", "content": prompt }],
             "stream": true,
             "stream_options": { "include_usage": true },
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
-        })
-        .to_string();
+        });
+        if let Some(g) = self.grounding {
+            body["helpline"] = serde_json::json!({ "grounding": g });
+        }
+        let body = body.to_string();
         let ep = &self.endpoint;
         let mut head = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: helpline-bench\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: {}\r\n",

@@ -1,4 +1,4 @@
-//! Command line: `models`, `tokenize`, `ask`, `chat`, `bench`.
+//! Command line: `models`, `tokenize`, `ask`, `chat`, `bench`, `index`, `search`, `eval`.
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -80,6 +80,68 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build or update the search index from the docs directory (only changed files are re-indexed).
+    /// Exit code 0: every file indexed, unchanged, removed or excluded; 2: some files were skipped
+    /// (the rest is indexed); 1: nothing was written.
+    Index(IndexArgs),
+    /// Search the index the way the bot does and show the ranked passages.
+    Search(SearchArgs),
+    /// Measure retrieval on a question set: recall@k, MRR and the relevance gate's refusals.
+    Eval(EvalArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct IndexArgs {
+    /// Directory of articles (Markdown, text or HTML with front matter).
+    #[arg(long = "docs", env = "HELPLINE_DOCS_DIR", default_value = "docs-corpus")]
+    pub docs_dir: std::path::PathBuf,
+    /// Directory of the index (created when missing).
+    #[arg(long = "index", env = "HELPLINE_INDEX_DIR", default_value = "index")]
+    pub index_dir: std::path::PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SearchArgs {
+    pub query: String,
+    /// Passages to show.
+    #[arg(short = 'k', default_value_t = 5)]
+    pub k: usize,
+    #[arg(long = "index", env = "HELPLINE_INDEX_DIR", default_value = "index")]
+    pub index_dir: std::path::PathBuf,
+    /// Only these product areas (repeatable).
+    #[arg(long = "area")]
+    pub areas: Vec<String>,
+    /// Only this locale.
+    #[arg(long)]
+    pub locale: Option<String>,
+    /// Relevance gate threshold.
+    #[arg(long, default_value_t = crate::retrieval::DEFAULT_MIN_SCORE)]
+    pub min_score: f32,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    #[arg(long = "index", env = "HELPLINE_INDEX_DIR", default_value = "index")]
+    pub index_dir: std::path::PathBuf,
+    /// Question set, one JSON object per line.
+    #[arg(long, default_value = "eval/grounding.jsonl")]
+    pub questions: std::path::PathBuf,
+    /// Relevance gate threshold.
+    #[arg(long, default_value_t = crate::retrieval::DEFAULT_MIN_SCORE)]
+    pub min_score: f32,
+    /// Weight of the previous message's terms in follow-up questions.
+    #[arg(long, default_value_t = crate::retrieval::EARLIER_TURN_WEIGHT)]
+    pub earlier_weight: f32,
+    /// Also print the refusal figures for a range of thresholds (for calibrating the gate).
+    #[arg(long)]
+    pub sweep: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -203,6 +265,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", crate::server::openapi::spec_json());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Index(args) => index(args),
+        Command::Search(args) => search(args),
+        Command::Eval(args) => eval(args),
         Command::Bench { target: Some(BenchTarget::Serve(args)), .. } => crate::bench_serve::run_cli(args),
         Command::Bench { target: None, n_prompt, n_gen, reps, batch, json } => {
             let bundle = load(&cli)?;
@@ -225,6 +290,101 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn index(args: &IndexArgs) -> Result<ExitCode> {
+    use crate::retrieval::{build_index, IndexOptions, RetrievalError};
+    let opts = IndexOptions { docs_dir: args.docs_dir.clone(), index_dir: args.index_dir.clone() };
+    let report = build_index(&opts).map_err(|e| match e {
+        RetrievalError::DocsDir { .. } => anyhow::anyhow!("{e}; pass --docs DIR or set HELPLINE_DOCS_DIR"),
+        RetrievalError::Io(_) | RetrievalError::Tantivy(_) => {
+            anyhow::anyhow!("{e}; check that {} is a writable directory (pass --index DIR or set HELPLINE_INDEX_DIR)", opts.index_dir.display())
+        }
+        other => other.into(),
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(if report.skipped() > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+fn search(args: &SearchArgs) -> Result<ExitCode> {
+    use crate::retrieval::{is_relevant, Filters, KnowledgeBase};
+    let kb = KnowledgeBase::open(&args.index_dir)?;
+    let filters = Filters { product_area: args.areas.clone(), locale: args.locale.clone(), doc_id: Vec::new() };
+    let passages = kb.search(&args.query, args.k, &filters)?;
+    let relevant = is_relevant(&passages, args.min_score);
+    if args.json {
+        let out = serde_json::json!({
+            "query": args.query,
+            "relevant": relevant,
+            "min_score": args.min_score,
+            "version": kb.version(),
+            "passages": passages,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if passages.is_empty() {
+        println!("no passages match (the bot would refuse: no_relevant_docs)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (i, p) in passages.iter().enumerate() {
+        let section = if p.section.is_empty() { String::new() } else { format!(" > {}", p.section) };
+        println!("{}. [{}] {}{section}  (score {:.2}, relevance {:.2})", i + 1, p.chunk_id, p.title, p.score, p.relevance);
+        println!("   {}", p.snippet);
+    }
+    if !relevant {
+        let best = passages.iter().map(|p| p.relevance).fold(0.0, f32::max);
+        println!(
+            "none passes the relevance gate (best relevance {best:.2} < {:.2}): the bot would refuse (no_relevant_docs)",
+            args.min_score
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(args: &EvalArgs) -> Result<ExitCode> {
+    use crate::retrieval::{eval as ev, KnowledgeBase};
+    let kb = KnowledgeBase::open(&args.index_dir)?;
+    let cases = ev::load_cases(&args.questions)?;
+    let result = ev::evaluate_weighted(&kb, &cases, args.min_score, args.earlier_weight)?;
+    let sweep: Vec<_> = if args.sweep {
+        (6..=14)
+            .map(|i| {
+                let t = i as f32 * 0.05;
+                let r = ev::score(result.cases.clone(), t);
+                serde_json::json!({"min_score": t, "refusal_precision": r.refusal_precision, "refusal_recall": r.refusal_recall, "gate_accuracy": r.gate_accuracy})
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if args.json {
+        let mut v = serde_json::to_value(&result)?;
+        if args.sweep {
+            v["sweep"] = serde_json::Value::Array(sweep);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{result}");
+        if args.sweep {
+            println!("| min_score | refusal precision | refusal recall | gate accuracy |");
+            println!("| ---: | ---: | ---: | ---: |");
+            for row in &sweep {
+                println!(
+                    "| {:.2} | {:.3} | {:.3} | {:.3} |",
+                    row["min_score"].as_f64().unwrap_or(0.0),
+                    row["refusal_precision"].as_f64().unwrap_or(0.0),
+                    row["refusal_recall"].as_f64().unwrap_or(0.0),
+                    row["gate_accuracy"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn models(command: &ModelsCommand) -> Result<ExitCode> {

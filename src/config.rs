@@ -37,6 +37,53 @@ pub struct ServeConfig {
     /// Interval of SSE keep-alive comments.
     pub keep_alive: Duration,
     pub config_file: Option<PathBuf>,
+    pub grounding: GroundingConfig,
+}
+
+/// Retrieval and grounded answers.
+#[derive(Debug, Clone)]
+pub struct GroundingConfig {
+    /// The approved documentation (`docs-corpus` by default).
+    pub docs_dir: PathBuf,
+    /// Where the tantivy index lives (`index` by default).
+    pub index_dir: PathBuf,
+    /// Bring the index up to date with `docs_dir` at start-up (incremental; off: use the index as found).
+    pub auto_index: bool,
+    /// Ground chat answers unless a request turns it off (`helpline.grounding: false`).
+    pub enabled: bool,
+    /// Passages retrieved per turn (before the token budget).
+    pub passages: usize,
+    /// Relevance gate: below it the bot refuses without calling the model.
+    pub min_relevance: f32,
+    /// Tokens the passages may take in the prompt; passages beyond it are dropped and reported.
+    pub passage_tokens: usize,
+    /// Tokens earlier turns may take in the prompt; older turns beyond it are dropped and reported.
+    pub history_tokens: usize,
+    /// What the bot says when the documentation does not cover the question.
+    pub refusal_message: String,
+    /// How a customer reaches a human (shown with refusals and on the chat page).
+    pub handoff_message: String,
+}
+
+impl Default for GroundingConfig {
+    fn default() -> Self {
+        GroundingConfig {
+            docs_dir: PathBuf::from("docs-corpus"),
+            index_dir: PathBuf::from("index"),
+            auto_index: true,
+            enabled: true,
+            passages: 3,
+            min_relevance: crate::retrieval::DEFAULT_MIN_SCORE,
+            passage_tokens: 1024,
+            history_tokens: 768,
+            refusal_message: "I'm sorry, I can't answer that from our help center documentation, and I don't want to guess. \
+                              Would you like me to connect you with a member of our support team?"
+                .into(),
+            handoff_message: "To talk to a person, email support@tallyworks.example or use \"Talk to a human\" below; \
+                              our team answers within one business day."
+                .into(),
+        }
+    }
 }
 
 impl Default for ServeConfig {
@@ -60,6 +107,7 @@ impl Default for ServeConfig {
             shutdown_grace: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             config_file: None,
+            grounding: GroundingConfig::default(),
         }
     }
 }
@@ -122,6 +170,36 @@ pub struct ServeArgs {
     /// model, else the model file's name without `.gguf`).
     #[arg(long)]
     pub model_id: Option<String>,
+    /// The approved documentation to answer from (default docs-corpus).
+    #[arg(long, value_name = "DIR")]
+    pub docs_dir: Option<PathBuf>,
+    /// The search index directory (default index).
+    #[arg(long, value_name = "DIR")]
+    pub index_dir: Option<PathBuf>,
+    /// `true` (default): bring the index up to date with the docs at start-up; `false`: serve the index as found.
+    #[arg(long, value_name = "BOOL")]
+    pub auto_index: Option<bool>,
+    /// `true` (default): ground chat answers in the docs unless a request says otherwise.
+    #[arg(long, value_name = "BOOL")]
+    pub grounding: Option<bool>,
+    /// Passages retrieved per chat turn (default 3).
+    #[arg(long)]
+    pub retrieve_k: Option<usize>,
+    /// Relevance gate in [0, 1]: below it the bot says the docs do not cover the question (default: calibrated).
+    #[arg(long)]
+    pub min_relevance: Option<f64>,
+    /// Prompt tokens the retrieved passages may take (default 1024).
+    #[arg(long)]
+    pub passage_token_budget: Option<usize>,
+    /// Prompt tokens earlier turns may take (default 768).
+    #[arg(long)]
+    pub history_token_budget: Option<usize>,
+    /// What the bot answers when the docs do not cover a question.
+    #[arg(long)]
+    pub refusal_message: Option<String>,
+    /// How customers reach a human (shown with refusals and on the chat page).
+    #[arg(long)]
+    pub handoff_message: Option<String>,
 }
 
 /// Where a setting's value came from; errors name it.
@@ -179,6 +257,16 @@ pub const SETTINGS: &[&str] = &[
     "default_max_tokens",
     "shutdown_grace_secs",
     "model_id",
+    "docs_dir",
+    "index_dir",
+    "auto_index",
+    "grounding",
+    "retrieve_k",
+    "min_relevance",
+    "passage_token_budget",
+    "history_token_budget",
+    "refusal_message",
+    "handoff_message",
 ];
 
 /// The environment variable for a setting: `HELPLINE_` + its name in upper case.
@@ -270,7 +358,23 @@ pub fn load_with_env(
         None => default_model_id(model.as_deref()).unwrap_or(defaults.model_id),
     };
 
+    let g = defaults.grounding.clone();
+    let path = |name: &str| -> Result<Option<PathBuf>, ConfigError> { Ok(r.text(name, 4096)?.map(PathBuf::from)) };
+    let grounding = GroundingConfig {
+        docs_dir: path("docs_dir")?.unwrap_or(g.docs_dir),
+        index_dir: path("index_dir")?.unwrap_or(g.index_dir),
+        auto_index: r.bool("auto_index")?.unwrap_or(g.auto_index),
+        enabled: r.bool("grounding")?.unwrap_or(g.enabled),
+        passages: get("retrieve_k", 1, 32, g.passages)?,
+        min_relevance: r.float("min_relevance", 0.0, 1.0)?.map(|v| v as f32).unwrap_or(g.min_relevance),
+        passage_tokens: get("passage_token_budget", 64, 1 << 16, g.passage_tokens)?,
+        history_tokens: get("history_token_budget", 0, 1 << 16, g.history_tokens)?,
+        refusal_message: r.text("refusal_message", 2000)?.unwrap_or(g.refusal_message),
+        handoff_message: r.text("handoff_message", 2000)?.unwrap_or(g.handoff_message),
+    };
+
     Ok(ServeConfig {
+        grounding,
         model,
         model_id,
         host,
@@ -358,6 +462,16 @@ impl Resolver<'_> {
             "default_max_tokens" => int(a.default_max_tokens.map(|v| v as u64)),
             "shutdown_grace_secs" => int(a.shutdown_grace_secs),
             "model_id" => a.model_id.clone().map(Raw::Text),
+            "docs_dir" => a.docs_dir.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "index_dir" => a.index_dir.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "auto_index" => a.auto_index.map(|b| Raw::Text(b.to_string())),
+            "grounding" => a.grounding.map(|b| Raw::Text(b.to_string())),
+            "retrieve_k" => int(a.retrieve_k.map(|v| v as u64)),
+            "min_relevance" => a.min_relevance.map(|v| Raw::Text(v.to_string())),
+            "passage_token_budget" => int(a.passage_token_budget.map(|v| v as u64)),
+            "history_token_budget" => int(a.history_token_budget.map(|v| v as u64)),
+            "refusal_message" => a.refusal_message.clone().map(Raw::Text),
+            "handoff_message" => a.handoff_message.clone().map(Raw::Text),
             _ => None,
         }
     }
@@ -375,12 +489,48 @@ impl Resolver<'_> {
         let raw = match value {
             toml::Value::Integer(i) => Raw::Int(*i),
             toml::Value::String(s) => Raw::Text(s.clone()),
+            toml::Value::Float(f) => Raw::Text(f.to_string()),
+            toml::Value::Boolean(b) => Raw::Text(b.to_string()),
             toml::Value::Array(items) => Raw::List(
                 items.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| format!("\u{0}{v}"))).collect(),
             ),
             other => Raw::Text(format!("\u{0}{other}")),
         };
         Some((raw, src))
+    }
+
+    /// `true` or `false`, or `None` when the setting is not given.
+    fn bool(&self, name: &str) -> Result<Option<bool>, ConfigError> {
+        let Some((raw, src)) = self.pick(name) else { return Ok(None) };
+        let text = raw.single(name, &src)?;
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(Some(true)),
+            "false" | "0" | "no" | "off" => Ok(Some(false)),
+            _ => Err(ConfigError::new(name, Some(src), format!("`{}` is not true or false", shown(&text)))),
+        }
+    }
+
+    /// A finite number in `lo..=hi`, or `None` when the setting is not given.
+    fn float(&self, name: &str, lo: f64, hi: f64) -> Result<Option<f64>, ConfigError> {
+        let Some((raw, src)) = self.pick(name) else { return Ok(None) };
+        let text = raw.single(name, &src)?;
+        let err = |m: String| ConfigError::new(name, Some(src.clone()), m);
+        let v: f64 = text.trim().parse().map_err(|_| err(format!("`{}` is not a number; allowed {lo}..={hi}", shown(&text))))?;
+        if !(v.is_finite() && (lo..=hi).contains(&v)) {
+            return Err(err(format!("{v} is out of range; allowed {lo}..={hi}")));
+        }
+        Ok(Some(v))
+    }
+
+    /// Text of 1 to `max` characters, or `None` when the setting is not given.
+    fn text(&self, name: &str, max: usize) -> Result<Option<String>, ConfigError> {
+        let Some((raw, src)) = self.pick(name) else { return Ok(None) };
+        let text = raw.single(name, &src)?;
+        let n = text.trim().chars().count();
+        if n == 0 || n > max {
+            return Err(ConfigError::new(name, Some(src), format!("must have 1 to {max} characters (has {n})")));
+        }
+        Ok(Some(text.trim().to_string()))
     }
 
     /// A whole number in `lo..=hi`, or `None` when the setting is not given.

@@ -6,7 +6,9 @@
 //! `cli` -> the only place that knows everything.
 
 pub mod model;
+pub mod prompt;
 pub mod tokenizer;
+pub mod retrieval;
 pub mod sampler;
 pub mod engine;
 pub mod bench;

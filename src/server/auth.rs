@@ -44,7 +44,10 @@ pub fn is_authorized(headers: &HeaderMap, accepted: &[[u8; 32]]) -> bool {
 
 /// Routes anyone may call without a key: the liveness probe only.
 pub fn is_public(method: &Method, path: &str) -> bool {
-    (method == Method::GET || method == Method::HEAD) && path == "/health"
+    // The chat page and the articles it links to are what a customer's browser loads before it
+    // can hold a key; they serve only the approved help-center content.
+    (method == Method::GET || method == Method::HEAD)
+        && (path == "/health" || path == "/" || path.starts_with("/assets/") || path.starts_with("/kb/"))
 }
 
 /// Middleware: 401 in the error table's shape unless the request carries an accepted key.
@@ -87,10 +90,15 @@ mod tests {
     }
 
     #[test]
-    fn only_health_is_public() {
+    fn only_health_and_the_chat_page_are_public() {
         assert!(is_public(&Method::GET, "/health"));
         assert!(!is_public(&Method::POST, "/health"));
         assert!(!is_public(&Method::GET, "/metrics"));
         assert!(!is_public(&Method::GET, "/health/"));
+        assert!(is_public(&Method::GET, "/"));
+        assert!(is_public(&Method::GET, "/kb/refund-policy"));
+        assert!(!is_public(&Method::POST, "/"));
+        assert!(!is_public(&Method::GET, "/v1/retrieve"));
+        assert!(!is_public(&Method::GET, "/v1/index"));
     }
 }

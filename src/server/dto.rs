@@ -136,6 +136,145 @@ pub struct HelplineSampling {
     /// Multiplicative penalty on recently seen tokens; 1 (default) disables.
     #[schema(exclusive_minimum = 0, maximum = 10)]
     pub repeat_penalty: Option<f64>,
+    /// Chat only: answer from the approved documentation (default: the server's `grounding`
+    /// setting, on unless the operator turned it off). `false` gives a plain, ungrounded completion.
+    pub grounding: Option<bool>,
+    /// Chat only, with grounding: restrict which articles may be retrieved.
+    pub filters: Option<RetrieveFilters>,
+}
+
+/// Restrictions on retrieval. Draft and retired articles are never retrieved, whatever the filters.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct RetrieveFilters {
+    /// Only these product areas (e.g. `billing`, `security`).
+    pub product_area: Option<Vec<String>>,
+    /// Only articles in this locale (e.g. `en`).
+    pub locale: Option<String>,
+    /// Only these articles.
+    pub doc_id: Option<Vec<String>>,
+}
+
+/// `POST /v1/retrieve`: what the bot would see for a question.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct RetrieveRequest {
+    /// The question, 1 to 2000 characters.
+    #[schema(value_type = String, required = true)]
+    pub query: Option<String>,
+    /// Passages to return, 1 to 50 (default 5).
+    #[schema(minimum = 1, maximum = 50)]
+    pub k: Option<i64>,
+    pub filters: Option<RetrieveFilters>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RetrieveResponse {
+    pub object: ListObject,
+    pub query: String,
+    /// Changes whenever the indexed content changes.
+    pub index_version: String,
+    /// Whether the best passage passes the relevance gate (when false, chat refuses with `no_relevant_docs`).
+    pub relevant: bool,
+    pub min_relevance: f32,
+    /// Ranked passages, best first.
+    pub data: Vec<PassageOut>,
+}
+
+/// A retrieved passage (a chunk of an approved article).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PassageOut {
+    /// The number the model cites it by (`[1]`), for passages given to the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub chunk_id: String,
+    pub doc_id: String,
+    pub title: String,
+    /// Heading path inside the article.
+    pub section: String,
+    pub snippet: String,
+    /// BM25 score (higher is better; comparable only within one query).
+    pub score: f32,
+    /// Share of the question's terms (idf-weighted) the passage covers, in [0, 1]; the relevance gate compares it with `min_relevance`.
+    pub relevance: f32,
+    /// Where the passage can be read: `/kb/{doc_id}#{doc_id}-{n}`.
+    pub url: String,
+    /// The passage's whole text (in `/v1/retrieve` answers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// In `citations` only: who put the marker in the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cited_by: Option<CitedBy>,
+}
+
+/// Who cited a passage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CitedBy {
+    /// The model wrote the marker.
+    Model,
+    /// The model wrote none; the server attributed the answer to the passage holding most of its
+    /// content words and appended the marker.
+    Attribution,
+}
+
+/// How an answer was grounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroundingStatus {
+    /// Answered from the passages in `passages`.
+    Grounded,
+    /// Nothing in the documentation was relevant enough: the bot said so without calling the model.
+    NoRelevantDocs,
+    /// Grounding was turned off for this request (or by the operator).
+    Off,
+}
+
+/// What retrieval found and what went into the prompt (under `helpline.grounding`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GroundingInfo {
+    pub status: GroundingStatus,
+    /// The text searched (the latest message, plus earlier ones for follow-ups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_version: Option<String>,
+    /// Passages given to the model, numbered as it cites them.
+    pub passages: Vec<PassageOut>,
+    /// What was left out of the prompt to respect the budget.
+    pub dropped: Dropped,
+    pub budget: BudgetOut,
+    /// Citation markers the model wrote that named no given passage; they were removed from the text.
+    pub invalid_citations: usize,
+    /// Time spent retrieving.
+    pub retrieval_ms: f64,
+    /// Grounded answers: the share of the answer's content words found in the given passages, in [0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub support: Option<f32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Dropped {
+    /// Retrieved passages (chunk ids) that did not fit the passage budget.
+    pub passages: Vec<String>,
+    /// Earlier messages (the oldest) that did not fit the history budget.
+    pub history_messages: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BudgetOut {
+    pub passage_tokens: usize,
+    pub passage_tokens_used: usize,
+    pub history_tokens: usize,
+    pub history_tokens_used: usize,
+}
+
+/// An offer to hand the conversation to a person.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffInfo {
+    pub offered: bool,
+    /// Why: `no_relevant_docs`.
+    pub reason: String,
+    /// How to reach a person.
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -284,6 +423,15 @@ impl From<&EngineTimings> for TimingsOut {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HelplineInfo {
     pub timings: TimingsOut,
+    /// Chat answers: how the answer was grounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grounding: Option<GroundingInfo>,
+    /// Grounded answers: the passages the answer's markers cite, in order of first citation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub citations: Option<Vec<PassageOut>>,
+    /// Present when the bot offers a person instead of an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffInfo>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

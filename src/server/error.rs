@@ -105,6 +105,16 @@ impl ApiError {
     }
 
     /// 500: the detail goes to the log (with the request id), never to the client.
+    /// 503 for a part of the service that is missing (not a matter of waiting), e.g. no search index.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", code, message)
+    }
+
+    /// 409: the request conflicts with work in progress (e.g. the index is being rebuilt elsewhere).
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", code, message)
+    }
+
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(detail = %detail, "internal error");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", "the server failed to handle this request")

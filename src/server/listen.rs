@@ -25,6 +25,7 @@ use super::{AppState, Loaded, SharedState};
 use crate::config::{self, ServeArgs, ServeConfig};
 use crate::engine::{Engine, EngineConfig, ModelBundle};
 use crate::model::fetch::{self, HubConfig};
+use crate::retrieval::{build_index, IndexOptions, KnowledgeBase};
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting (the listener is
 /// closed, so new connections are refused), lets open connections finish their in-flight request
@@ -180,6 +181,7 @@ async fn run(mut cfg: ServeConfig) -> anyhow::Result<(anyhow::Result<()>, Shared
 /// Resolves, loads and starts the model, then makes it available to the handlers.
 fn load_model(state: &AppState) -> Result<(), String> {
     let cfg = &state.config;
+    open_knowledge(state)?;
     let start = Instant::now();
     let path = fetch::resolve_model_arg(cfg.model.as_deref(), &HubConfig::from_env(), &mut |msg| eprintln!("{msg}"))
         .map_err(|e| format!("cannot find the model: {e}"))?;
@@ -194,6 +196,32 @@ fn load_model(state: &AppState) -> Result<(), String> {
     state.set_loaded(Loaded { bundle, engine });
     eprintln!("helpline: model {} ready in {:.1} s", path.display(), start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Brings the index up to date with the docs (when `auto_index` is on) and opens it. With grounding
+/// on, a failure here stops the start-up: a server that cannot ground answers must not pretend to.
+fn open_knowledge(state: &AppState) -> Result<(), String> {
+    let g = &state.config.grounding;
+    let result = (|| {
+        if g.auto_index {
+            let report = build_index(&IndexOptions { docs_dir: g.docs_dir.clone(), index_dir: g.index_dir.clone() })
+                .map_err(|e| format!("cannot index {}: {e}", g.docs_dir.display()))?;
+            eprintln!("helpline: index {}: {}", g.index_dir.display(), report.to_string().trim_end());
+        }
+        KnowledgeBase::open(&g.index_dir).map_err(|e| format!("cannot open the search index: {e}"))
+    })();
+    match result {
+        Ok(kb) => {
+            eprintln!("helpline: knowledge base ready ({} articles, {} passages, version {})", kb.num_documents(), kb.num_chunks(), kb.version());
+            state.set_knowledge(kb);
+            Ok(())
+        }
+        Err(msg) if g.enabled => Err(format!("{msg} (grounding is on; fix the docs or index, or start with --grounding false)")),
+        Err(msg) => {
+            eprintln!("helpline: warning: {msg}; grounding is off, so chat answers are not grounded");
+            Ok(())
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]

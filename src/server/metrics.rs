@@ -12,6 +12,8 @@ use crate::engine::EngineStats;
 const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 /// Upper bounds (seconds) of the inter-token latency buckets.
 const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+/// Upper bounds (seconds) of the retrieval latency buckets.
+const RETRIEVAL_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -22,6 +24,11 @@ pub struct Metrics {
     generated_tokens: AtomicU64,
     ttft: Histogram,
     itl: Histogram,
+    /// Chat answers by grounding status (`grounded`, `no_relevant_docs`, `off`).
+    grounding: Mutex<BTreeMap<&'static str, u64>>,
+    retrieval: Histogram,
+    invalid_citations: AtomicU64,
+    index_reloads: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
@@ -33,6 +40,10 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
+            grounding: Mutex::new(BTreeMap::new()),
+            retrieval: Histogram::new(RETRIEVAL_BUCKETS),
+            invalid_citations: AtomicU64::new(0),
+            index_reloads: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -67,6 +78,28 @@ impl Metrics {
     pub fn rejection(&self, reason: &'static str) {
         let mut map = self.rejections.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry(reason).or_insert(0) += 1;
+    }
+
+    /// One chat answer and how it was grounded.
+    pub fn grounding(&self, status: &'static str) {
+        let mut map = self.grounding.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(status).or_insert(0) += 1;
+    }
+
+    /// Time one retrieval took, seconds.
+    pub fn observe_retrieval(&self, secs: f64) {
+        self.retrieval.observe(secs);
+    }
+
+    /// Citation markers removed from answers because they named no given passage.
+    pub fn add_invalid_citations(&self, n: u64) {
+        self.invalid_citations.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One index reload (`ok` or `failed`).
+    pub fn index_reload(&self, outcome: &'static str) {
+        let mut map = self.index_reloads.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(outcome).or_insert(0) += 1;
     }
 
     /// The exposition text; `engine` is `None` until the model has loaded (`helpline_ready` 0).
@@ -105,6 +138,10 @@ impl Metrics {
             }
         }
         counter(&mut out, "helpline_cancelled_total", "Generations stopped because the client went away.", load(|s| s.cancelled_total.load(Ordering::Relaxed)));
+        labelled(&mut out, "helpline_chat_answers_total", "Chat answers by grounding status.", "grounding", &self.grounding);
+        self.retrieval.render(&mut out, "helpline_retrieval_seconds", "Time to retrieve passages for one chat turn or /v1/retrieve call.");
+        counter(&mut out, "helpline_invalid_citations_total", "Citation markers removed because they named no passage given to the model.", self.invalid_citations.load(Ordering::Relaxed));
+        labelled(&mut out, "helpline_index_reloads_total", "Index rebuilds through the reload route, by outcome.", "outcome", &self.index_reloads);
         counter(&mut out, "helpline_completed_total", "Generations that ran to their end.", load(|s| s.completed_total.load(Ordering::Relaxed)));
         out
     }
@@ -157,6 +194,14 @@ impl Histogram {
         }
         let _ = writeln!(out, "{name}_sum {}", f64::from_bits(self.sum.load(Ordering::Relaxed)));
         let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+fn labelled(out: &mut String, name: &str, help: &str, label: &str, map: &Mutex<BTreeMap<&'static str, u64>>) {
+    header(out, name, "counter", help);
+    let map = map.lock().unwrap_or_else(|e| e.into_inner());
+    for (value, n) in map.iter() {
+        let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {n}", escape_label(value));
     }
 }
 

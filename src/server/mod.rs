@@ -4,6 +4,8 @@
 //! `listen::serve` runs it with header timeouts, size caps and graceful shutdown.
 
 pub mod auth;
+pub mod grounding;
+pub mod knowledge;
 pub mod dto;
 pub mod error;
 pub mod listen;
@@ -14,14 +16,16 @@ pub mod openapi;
 pub mod ops;
 pub mod sse;
 pub mod validate;
+pub mod web;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::Router;
 
 use crate::config::ServeConfig;
 use crate::engine::{Engine, ModelBundle};
+use crate::retrieval::KnowledgeBase;
 pub use error::{ApiError, ApiJson};
 pub use metrics::Metrics;
 
@@ -36,11 +40,23 @@ pub struct AppState {
     pub metrics: Metrics,
     pub started: Instant,
     loaded: OnceLock<Loaded>,
+    /// The search index, once one is open. Replaced only by the reload route (a reader inside it
+    /// also follows commits made by `helpline index`).
+    knowledge: RwLock<Option<KnowledgeBase>>,
+    /// Serializes index rebuilds started through the API.
+    pub reindexing: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
     pub fn new(config: ServeConfig) -> Arc<Self> {
-        Arc::new(AppState { config, metrics: Metrics::default(), started: Instant::now(), loaded: OnceLock::new() })
+        Arc::new(AppState {
+            config,
+            metrics: Metrics::default(),
+            started: Instant::now(),
+            loaded: OnceLock::new(),
+            knowledge: RwLock::new(None),
+            reindexing: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// Makes the model available to handlers; `/ready` turns 200 after this.
@@ -53,6 +69,30 @@ impl AppState {
         self.loaded.get().ok_or_else(|| ApiError::not_ready("the model is still loading"))
     }
 
+    /// Makes a knowledge base available (or replaces it).
+    pub fn set_knowledge(&self, kb: KnowledgeBase) {
+        *self.knowledge.write().unwrap_or_else(|e| e.into_inner()) = Some(kb);
+    }
+
+    /// The knowledge base, or 503 when no index is open (grounding then fails closed).
+    pub fn knowledge(&self) -> Result<KnowledgeBase, ApiError> {
+        self.knowledge.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| {
+            ApiError::unavailable(
+                "no_index",
+                format!(
+                    "no search index is open, so answers cannot be grounded; build one with `helpline index --docs {} --index {}` \
+                     or POST /v1/index/reload",
+                    self.config.grounding.docs_dir.display(),
+                    self.config.grounding.index_dir.display()
+                ),
+            )
+        })
+    }
+
+    pub fn has_knowledge(&self) -> bool {
+        self.knowledge.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     pub fn is_loaded(&self) -> bool {
         self.loaded.get().is_some()
     }
@@ -63,6 +103,6 @@ pub type SharedState = Arc<AppState>;
 /// The whole application: API routes, operational routes, then the cross-cutting layers
 /// (request ids and logging, metrics, auth, CORS, body limit) and the JSON 404/405 fallbacks.
 pub fn router(state: SharedState) -> Router {
-    let app = Router::new().merge(openai::routes()).merge(ops::routes()).merge(openapi::routes());
+    let app = Router::new().merge(openai::routes()).merge(knowledge::routes()).merge(ops::routes()).merge(openapi::routes()).merge(web::routes());
     middleware::apply(app, state.clone()).with_state(state)
 }

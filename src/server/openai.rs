@@ -21,7 +21,9 @@ use super::dto::{
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ListObject, ModelCard, ModelList,
     ModelObject, TokenizeRequest, TokenizeResponse,
 };
+use super::dto::FinishReason;
 use super::error::{ApiError, ApiJson};
+use super::grounding::{self, ChatPlan, GroundingCtx};
 use super::sse::{self, Flavor, Meta, Tracker};
 use super::validate::{self, ValidGeneration};
 use super::SharedState;
@@ -78,8 +80,32 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     state.loaded()?;
     let st = state.clone();
-    let valid = blocking(move || validate::chat(&req, &st.config, st.loaded()?)).await?;
-    generate(state, valid, Flavor::Chat).await
+    let plan = blocking(move || {
+        let chat = validate::chat(&req, &st.config, st.loaded()?)?;
+        grounding::plan(&st, chat)
+    })
+    .await?;
+    match plan {
+        ChatPlan::Generate { valid, grounding } => generate(state, valid, Flavor::Chat, Some(grounding)).await,
+        ChatPlan::Refuse { text, grounding, stream, include_usage } => {
+            let meta = Meta {
+                id: new_id(Flavor::Chat.id_prefix()),
+                created: unix_now(),
+                model: state.config.model_id.clone(),
+                system_fingerprint: sse::system_fingerprint(),
+                flavor: Flavor::Chat,
+                prompt_tokens: 0,
+                include_usage,
+                grounding: Some(grounding),
+            };
+            if stream {
+                return Ok(sse::fixed_answer(meta, text, state.config.keep_alive));
+            }
+            let mut resp = meta.whole(text, FinishReason::Stop, 0, &Default::default(), None);
+            resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            Ok(resp)
+        }
+    }
 }
 
 /// Create a text completion.
@@ -113,7 +139,7 @@ pub async fn completions(State(state): State<SharedState>, ApiJson(req): ApiJson
     state.loaded()?;
     let st = state.clone();
     let valid = blocking(move || validate::completion(&req, &st.config, st.loaded()?)).await?;
-    generate(state, valid, Flavor::Text).await
+    generate(state, valid, Flavor::Text, None).await
 }
 
 /// List models: the one model this server serves.
@@ -244,7 +270,7 @@ fn new_id(prefix: &str) -> String {
 }
 
 /// Submits a validated request and answers it, as one JSON body or as an SSE stream.
-async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor) -> Result<Response, ApiError> {
+async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor, grounding: Option<GroundingCtx>) -> Result<Response, ApiError> {
     let loaded = state.loaded()?;
     let prompt_tokens = valid.job.prompt.len();
     let submitted = Instant::now();
@@ -258,6 +284,7 @@ async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor) ->
         flavor,
         prompt_tokens,
         include_usage: valid.include_usage,
+        grounding,
     };
     let tracker = Tracker::new(state.clone(), submitted);
     if valid.stream {
@@ -269,6 +296,7 @@ async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor) ->
     let mut rx = rx;
     let mut tracker = tracker;
     let mut text = String::new();
+    let mut citations = meta.grounding.as_ref().and_then(GroundingCtx::citation_filter);
     loop {
         match rx.recv().await {
             Some(Event::Token { text: t, .. }) => {
@@ -277,7 +305,17 @@ async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor) ->
             }
             Some(Event::Done { reason, text: t, timings }) => {
                 text.push_str(&t);
-                let body = meta.whole(text, reason.into(), tracker.tokens(), &timings);
+                if let Some(f) = citations.as_mut() {
+                    let mut filtered = f.push(&text);
+                    filtered.push_str(&f.finish());
+                    text = filtered;
+                    tracker.on_citations(f);
+                }
+                let closing = meta.close(citations.as_ref(), &text);
+                if let Some(c) = &closing {
+                    text.push_str(&c.suffix);
+                }
+                let body = meta.whole(text, reason.into(), tracker.tokens(), &timings, closing);
                 let mut resp = body.into_response();
                 resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 return Ok(resp);

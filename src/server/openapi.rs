@@ -10,6 +10,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::dto;
+use super::knowledge;
 use super::openai;
 use super::SharedState;
 
@@ -19,8 +20,10 @@ use super::SharedState;
         title = "Helpline",
         description = "Self-hosted support assistant: an OpenAI-compatible API over a local GGUF model. \
 Errors are always `{\"error\": {\"message\", \"type\", \"code\", \"param\"}}`. Helpline's additions to OpenAI's \
-shapes live under a `helpline` key. When the server has API keys configured, every route but `/health` and \
-`/ready` needs `Authorization: Bearer <key>`.",
+shapes live under a `helpline` key. Chat answers are grounded in the approved documentation by default: \
+`helpline.grounding` reports the passages given to the model and `helpline.citations` the ones the answer cites. \
+When the server has API keys configured, every route but `GET /health` and the customer chat page (`/`, \
+`/assets/*`, `/kb/*`) needs `Authorization: Bearer <key>`.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     paths(
@@ -30,6 +33,9 @@ shapes live under a `helpline` key. When the server has API keys configured, eve
         openai::get_model,
         openai::tokenize,
         openai::detokenize,
+        knowledge::retrieve,
+        knowledge::index_status,
+        knowledge::reload,
         health,
         ready,
         metrics,

@@ -29,6 +29,9 @@ async fn ready(State(state): State<SharedState>) -> Result<impl IntoResponse, Ap
     if !engine_running(loaded) {
         return Err(ApiError::not_ready("the generation engine has stopped"));
     }
+    if state.config.grounding.enabled && !state.has_knowledge() {
+        return Err(ApiError::not_ready("the search index is not open, so answers cannot be grounded"));
+    }
     Ok(Json(json!({"status": "ready", "model": state.config.model_id})))
 }
 

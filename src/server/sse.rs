@@ -18,8 +18,10 @@ use super::dto::{
     ChatCompletionObject, ChatDelta, ErrorDetail, ErrorResponse, FinishReason, HelplineInfo, TextChoice, TextCompletion,
     TextCompletionObject, TimingsOut, Usage,
 };
+use super::grounding::{Closing, GroundingCtx};
 use super::SharedState;
 use crate::engine::{Event, Timings};
+use crate::prompt::CitationFilter;
 
 /// Which OpenAI endpoint the answer is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,13 +55,22 @@ pub struct Meta {
     pub flavor: Flavor,
     pub prompt_tokens: usize,
     pub include_usage: bool,
+    /// Chat answers: how the answer is grounded (reported in the final chunk).
+    pub grounding: Option<GroundingCtx>,
 }
 
 impl Meta {
     /// The non-streaming answer.
-    pub fn whole(&self, text: String, reason: FinishReason, completion_tokens: usize, timings: &Timings) -> Response {
+    pub fn whole(
+        &self,
+        text: String,
+        reason: FinishReason,
+        completion_tokens: usize,
+        timings: &Timings,
+        closing: Option<Closing>,
+    ) -> Response {
         let usage = Usage::new(self.prompt_tokens, completion_tokens);
-        let helpline = HelplineInfo { timings: TimingsOut::from(timings) };
+        let helpline = self.helpline(timings, closing);
         match self.flavor {
             Flavor::Chat => Json(ChatCompletion {
                 id: self.id.clone(),
@@ -89,6 +100,23 @@ impl Meta {
             })
             .into_response(),
         }
+    }
+
+    /// The `helpline` object of the answer's last chunk (or of the whole answer).
+    pub fn helpline(&self, timings: &Timings, closing: Option<Closing>) -> HelplineInfo {
+        let timings = TimingsOut::from(timings);
+        match &self.grounding {
+            None => HelplineInfo { timings, grounding: None, citations: None, handoff: None },
+            Some(g) => {
+                let closing = closing.unwrap_or_else(|| g.close(None, ""));
+                HelplineInfo { timings, grounding: Some(closing.info), citations: closing.citations, handoff: g.handoff.clone() }
+            }
+        }
+    }
+
+    /// Ends a grounded answer: its closing report (see [`GroundingCtx::close`]).
+    pub fn close(&self, filter: Option<&CitationFilter>, answer: &str) -> Option<Closing> {
+        self.grounding.as_ref().map(|g| g.close(filter, answer))
     }
 
     /// `usage` of a streamed chunk: absent unless asked for, then null until the usage chunk.
@@ -143,8 +171,8 @@ impl Meta {
         }
     }
 
-    fn finish(&self, reason: FinishReason, timings: &Timings) -> SseEvent {
-        let helpline = Some(HelplineInfo { timings: TimingsOut::from(timings) });
+    fn finish(&self, reason: FinishReason, timings: &Timings, closing: Option<Closing>) -> SseEvent {
+        let helpline = Some(self.helpline(timings, closing));
         match self.flavor {
             Flavor::Chat => json_event(&self.chat_chunk(vec![chat_choice(ChatDelta::default(), Some(reason))], None, helpline)),
             Flavor::Text => json_event(&self.text_chunk(vec![text_choice(String::new(), Some(reason))], None, helpline)),
@@ -156,6 +184,25 @@ impl Meta {
             Flavor::Chat => json_event(&self.chat_chunk(Vec::new(), Some(usage), None)),
             Flavor::Text => json_event(&self.text_chunk(Vec::new(), Some(usage), None)),
         }
+    }
+}
+
+/// An answer that does not come from the model (the grounding refusal): the same events a generated
+/// answer has (role, content, final chunk with `helpline`, usage when asked, `[DONE]`).
+pub fn fixed_answer(meta: Meta, text: String, keep_alive: Duration) -> Response {
+    let timings = Timings::default();
+    let mut events: Vec<SseEvent> = meta.opening().into_iter().collect();
+    events.push(meta.content(text));
+    events.push(meta.finish(FinishReason::Stop, &timings, None));
+    if meta.include_usage {
+        events.push(meta.usage(Usage::new(meta.prompt_tokens, 0)));
+    }
+    events.push(SseEvent::default().data("[DONE]"));
+    let events = stream::iter(events.into_iter().map(Ok::<_, Infallible>));
+    if keep_alive.is_zero() {
+        Sse::new(events).into_response()
+    } else {
+        Sse::new(events).keep_alive(KeepAlive::new().interval(keep_alive)).into_response()
     }
 }
 
@@ -210,6 +257,11 @@ impl Tracker {
         self.tokens += 1;
     }
 
+    /// The answer is complete: counts the citation markers that were removed.
+    pub fn on_citations(&self, filter: &CitationFilter) {
+        self.state.metrics.add_invalid_citations(filter.invalid() as u64);
+    }
+
     /// Tokens generated so far (the answer's `completion_tokens`).
     pub fn tokens(&self) -> usize {
         self.tokens
@@ -222,6 +274,10 @@ struct StreamState {
     meta: Meta,
     tracker: Tracker,
     pending: VecDeque<SseEvent>,
+    /// Grounded answers: removes citation markers that name no given passage before they are sent.
+    citations: Option<CitationFilter>,
+    /// Grounded answers: the text sent so far, for the closing report.
+    answer: String,
 }
 
 /// The SSE answer, with a keep-alive comment after every `keep_alive` without an event (zero: none).
@@ -237,7 +293,8 @@ pub fn stream(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker, keep_a
 
 fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
     let pending: VecDeque<SseEvent> = meta.opening().into_iter().collect();
-    let state = StreamState { rx: Some(rx), meta, tracker, pending };
+    let citations = meta.grounding.as_ref().and_then(GroundingCtx::citation_filter);
+    let state = StreamState { rx: Some(rx), meta, tracker, pending, citations, answer: String::new() };
     stream::unfold(state, |mut s| async move {
         loop {
             if let Some(ev) = s.pending.pop_front() {
@@ -247,16 +304,38 @@ fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl St
             match rx.recv().await {
                 Some(Event::Token { text, .. }) => {
                     s.tracker.on_token();
+                    let text = match s.citations.as_mut() {
+                        Some(f) => {
+                            let t = f.push(&text);
+                            s.answer.push_str(&t);
+                            t
+                        }
+                        None => text,
+                    };
                     if !text.is_empty() {
                         s.pending.push_back(s.meta.content(text));
                     }
                 }
                 Some(Event::Done { reason, text, timings }) => {
                     s.rx = None;
+                    let mut text = match s.citations.as_mut() {
+                        Some(f) => {
+                            let mut t = f.push(&text);
+                            t.push_str(&f.finish());
+                            s.tracker.on_citations(f);
+                            s.answer.push_str(&t);
+                            t
+                        }
+                        None => text,
+                    };
+                    let closing = s.meta.close(s.citations.as_ref(), &s.answer);
+                    if let Some(c) = &closing {
+                        text.push_str(&c.suffix);
+                    }
                     if !text.is_empty() {
                         s.pending.push_back(s.meta.content(text));
                     }
-                    s.pending.push_back(s.meta.finish(reason.into(), &timings));
+                    s.pending.push_back(s.meta.finish(reason.into(), &timings, closing));
                     if s.meta.include_usage {
                         s.pending.push_back(s.meta.usage(Usage::new(s.meta.prompt_tokens, s.tracker.tokens())));
                     }

@@ -4,10 +4,13 @@
 
 use crate::config::ServeConfig;
 use crate::engine::{Job, ModelBundle};
+use crate::retrieval::Filters;
 use crate::sampler::{ParamError, SamplingParams};
 use crate::tokenizer::{ChatMessage, TokenizerError};
 
-use super::dto::{ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, Prompt, Role, SamplingFields, Stop};
+use super::dto::{
+    ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, Prompt, RetrieveFilters, RetrieveRequest, Role, SamplingFields, Stop,
+};
 use super::error::ApiError;
 use super::Loaded;
 
@@ -35,18 +38,109 @@ pub struct ValidSampling {
     pub include_usage: bool,
 }
 
-/// `POST /v1/chat/completions`: model, sampling, messages -> chat-template prompt that fits.
-pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> Result<ValidGeneration, ApiError> {
+/// A chat request checked but not yet rendered: grounding decides the final messages.
+#[derive(Debug, Clone)]
+pub struct ValidChat {
+    pub sampling: ValidSampling,
+    pub messages: Vec<ChatMessage>,
+    /// `Some(filters)` when the answer is to be grounded in the documentation.
+    pub grounding: Option<Filters>,
+}
+
+/// `POST /v1/chat/completions`: model, sampling, messages and the grounding choice.
+pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> Result<ValidChat, ApiError> {
     check_model(req.model.as_deref(), cfg, &loaded.bundle)?;
     let sampling = sampling(&req.sampling(), cfg)?;
     let messages = chat_messages(req.messages.as_deref().unwrap_or_default())?;
-    let prompt = loaded.bundle.chat_prompt(&messages).map_err(|e| match e {
+    let ext = req.helpline.clone().unwrap_or_default();
+    let grounded = ext.grounding.unwrap_or(cfg.grounding.enabled);
+    let grounding = if grounded {
+        if messages.last().map(|m| m.role.as_str()) != Some("user") {
+            return Err(ApiError::invalid_field(
+                "messages",
+                "with grounding on, the last message must be the customer's (role `user`); \
+                 send `helpline.grounding: false` to continue another role's message",
+            ));
+        }
+        Some(filters(ext.filters.as_ref())?)
+    } else {
+        if ext.filters.is_some() {
+            return Err(ApiError::invalid_field("helpline.filters", "`helpline.filters` needs grounding on (`helpline.grounding: true`)"));
+        }
+        None
+    };
+    Ok(ValidChat { sampling, messages, grounding })
+}
+
+/// Renders chat messages with the model's template and fits the prompt to the context.
+pub fn chat_generation(messages: &[ChatMessage], sampling: ValidSampling, cfg: &ServeConfig, loaded: &Loaded) -> Result<ValidGeneration, ApiError> {
+    let prompt = loaded.bundle.chat_prompt(messages).map_err(|e| match e {
         TokenizerError::TemplateRender(m) | TokenizerError::TemplateLimit(m) => {
             ApiError::invalid_field("messages", format!("the model's chat template rejected the conversation: {m}"))
         }
         other => ApiError::internal(other),
     })?;
     finish(prompt, sampling, cfg, loaded.engine.max_positions())
+}
+
+/// Most entries in one retrieval filter list.
+pub const MAX_FILTER_VALUES: usize = 32;
+
+/// Retrieval filters: each list at most [`MAX_FILTER_VALUES`] values of 1 to 64 characters of
+/// `a-z 0-9 - _`; the locale likewise (e.g. `en`, `pt-br`).
+pub fn filters(f: Option<&RetrieveFilters>) -> Result<Filters, ApiError> {
+    let Some(f) = f else { return Ok(Filters::default()) };
+    fn values(field: &str, list: Option<&Vec<String>>) -> Result<Vec<String>, ApiError> {
+        let list = list.cloned().unwrap_or_default();
+        if list.len() > MAX_FILTER_VALUES {
+            return Err(ApiError::invalid_field(field, format!("`{field}` must hold at most {MAX_FILTER_VALUES} values (got {})", list.len())));
+        }
+        for v in &list {
+            check_filter_value(field, v)?;
+        }
+        Ok(list)
+    }
+    let locale = match &f.locale {
+        Some(l) => {
+            check_filter_value("helpline.filters.locale", l)?;
+            Some(l.clone())
+        }
+        None => None,
+    };
+    Ok(Filters {
+        product_area: values("helpline.filters.product_area", f.product_area.as_ref())?,
+        locale,
+        doc_id: values("helpline.filters.doc_id", f.doc_id.as_ref())?,
+    })
+}
+
+fn check_filter_value(field: &str, v: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(field, format!("`{field}` values must be 1 to 64 characters of a-z 0-9 - _ (got {v:?})")))
+    }
+}
+
+/// Longest `/v1/retrieve` query, in characters.
+pub const MAX_QUERY_CHARS: usize = 2000;
+/// Most passages `/v1/retrieve` returns.
+pub const MAX_RETRIEVE_K: i64 = 50;
+
+/// `POST /v1/retrieve`: query, k and filters.
+pub fn retrieve(req: &RetrieveRequest) -> Result<(String, usize, Filters), ApiError> {
+    let query = req.query.as_deref().ok_or_else(|| ApiError::invalid_field("query", "`query` is required"))?;
+    let n = query.chars().count();
+    if query.trim().is_empty() || n > MAX_QUERY_CHARS {
+        return Err(ApiError::invalid_field("query", format!("`query` must have 1 to {MAX_QUERY_CHARS} characters, not all blank (got {n})")));
+    }
+    let k = match req.k {
+        None => 5,
+        Some(k) if !(1..=MAX_RETRIEVE_K).contains(&k) => return Err(out_of_range("k", format_args!("in [1, {MAX_RETRIEVE_K}]"), k)),
+        Some(k) => k as usize,
+    };
+    Ok((query.to_string(), k, filters(req.filters.as_ref())?))
 }
 
 /// `POST /v1/completions`: model, sampling, text or token-id prompt -> prompt that fits.
@@ -56,6 +150,11 @@ pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -
         return Err(ApiError::invalid_field("echo", "`echo` is not supported (only false)"));
     }
     let sampling = sampling(&req.sampling(), cfg)?;
+    let ext = req.helpline.clone().unwrap_or_default();
+    if ext.grounding == Some(true) || ext.filters.is_some() {
+        let field = if ext.filters.is_some() { "helpline.filters" } else { "helpline.grounding" };
+        return Err(ApiError::invalid_field(field, format!("`{field}` applies to chat completions only; text completions are never grounded")));
+    }
     let prompt = match &req.prompt {
         None => return Err(ApiError::invalid_field("prompt", "`prompt` is required")),
         Some(Prompt::Text(text)) => loaded.bundle.text_prompt(text).map_err(ApiError::internal)?,

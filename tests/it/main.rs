@@ -12,3 +12,7 @@ mod server_ops;
 mod server_support;
 mod server_api;
 mod kernels;
+mod grounding;
+mod webdriver;
+mod web_chat;
+mod retrieval;

@@ -15,8 +15,12 @@ use crate::support;
 
 const HI_ANSWER: &str = "Hello! How can I assist you today?";
 
+/// These tests cover the OpenAI dialect itself (shapes, limits, streaming, exact outputs against
+/// the engine), so answers are not grounded here; `grounding.rs` covers grounded chat.
 fn config() -> ServeConfig {
-    ServeConfig { default_max_tokens: 48, ..Default::default() }
+    let mut cfg = ServeConfig { default_max_tokens: 48, ..Default::default() };
+    cfg.grounding.enabled = false;
+    cfg
 }
 
 /// A one-message chat request with `extra` fields merged in.

@@ -69,9 +69,11 @@ impl Drop for TestServer {
     }
 }
 
-/// The default model (weights shared across the tests of this binary) with its own engine.
+/// The default model (weights shared across the tests of this binary) with its own engine, and
+/// the real knowledge base (grounding is on by default).
 fn load_model(state: &AppState) {
     state.set_loaded(crate::server_support::default_model(&state.config));
+    state.set_knowledge(crate::support::knowledge().1.clone());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,7 +451,10 @@ fn defaults_no_cors_json_404_405_413_and_request_ids() {
 
 #[test]
 fn ready_turns_200_after_load_and_metrics_count_a_chat() {
-    let srv = TestServer::start(ServeConfig::default());
+    // Plain chat, so both requests reach the engine (a grounded "Hi!" is refused without it).
+    let mut cfg = ServeConfig::default();
+    cfg.grounding.enabled = false;
+    let srv = TestServer::start(cfg);
     let a = srv.addr;
     let r = get(a, "/ready", &[]);
     r.assert_error(503, "not_ready");
@@ -564,6 +569,8 @@ struct Bin {
     addr: SocketAddr,
     listening_line: String,
     stderr: Arc<Mutex<String>>,
+    /// Each server builds its own index of docs-corpus here (never in the repository's `index/`).
+    _index: tempfile::TempDir,
 }
 
 impl Bin {
@@ -573,7 +580,8 @@ impl Bin {
         for s in config::SETTINGS {
             cmd.env_remove(config::env_name(s));
         }
-        cmd.env_remove("HELPLINE_CONFIG").env("HELPLINE_OFFLINE", "1");
+        let index = tempfile::tempdir().unwrap();
+        cmd.env_remove("HELPLINE_CONFIG").env("HELPLINE_OFFLINE", "1").env("HELPLINE_INDEX_DIR", index.path());
         cmd.args(["serve", "--port", "0"]).args(args).envs(env.iter().copied());
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("helpline binary");
@@ -606,7 +614,7 @@ impl Bin {
         });
         let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("{line:?}"));
         let addr: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
-        Bin { child, addr, listening_line: line.trim().to_string(), stderr }
+        Bin { child, addr, listening_line: line.trim().to_string(), stderr, _index: index }
     }
 
     fn wait_ready(&self, headers: &[(&str, &str)]) {
@@ -737,7 +745,8 @@ fn binary_drains_in_flight_stream_on_sigterm() {
 /// environment. Fails (does not skip) when python3 or the package is missing.
 #[test]
 fn openai_python_client_against_binary() {
-    let mut bin = Bin::spawn(&[], &[("HELPLINE_API_KEY", KEY)]);
+    // The client's compatibility is the point here, so the plain (ungrounded) answer is compared.
+    let mut bin = Bin::spawn(&[], &[("HELPLINE_API_KEY", KEY), ("HELPLINE_GROUNDING", "false")]);
     assert!(bin.listening_line.starts_with("Helpline listening on http://127.0.0.1:"), "{}", bin.listening_line);
     assert!(bin.listening_line.ends_with("(model: smollm2-135m-instruct)"), "{}", bin.listening_line);
     let auth_header = bearer(KEY);

@@ -34,9 +34,29 @@ pub struct TestServer {
 /// (`queue_capacity`, `max_concurrent`).
 pub async fn start_server(cfg: ServeConfig) -> TestServer {
     let loaded = default_model(&cfg);
-    let state = AppState::new(cfg);
+    let state = AppState::new(grounded_config(cfg));
     state.set_loaded(loaded);
+    state.set_knowledge(support::knowledge().1.clone());
     serve_state(state).await
+}
+
+/// Same as [`start_server`]: the default model and the real knowledge base (docs-corpus indexed
+/// on disk), with grounding as `cfg` says (on by default).
+pub async fn start_grounded_server(cfg: ServeConfig) -> TestServer {
+    start_server(cfg).await
+}
+
+/// Points the config's docs and index directories at the shared test index, so routes that
+/// read them (reload) see the same base the state holds.
+fn grounded_config(mut cfg: ServeConfig) -> ServeConfig {
+    let defaults = helpline::config::GroundingConfig::default();
+    if cfg.grounding.index_dir == defaults.index_dir {
+        cfg.grounding.index_dir = support::knowledge().0.path().to_path_buf();
+    }
+    if cfg.grounding.docs_dir == defaults.docs_dir {
+        cfg.grounding.docs_dir = support::root().join("docs-corpus");
+    }
+    cfg
 }
 
 /// The whole router with no model loaded (as while the server is still loading it).

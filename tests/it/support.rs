@@ -54,3 +54,17 @@ pub fn helpline_bin() -> std::process::Command {
     cmd.current_dir(root()).env("HELPLINE_MODELS_DIR", root().join("models")).env_remove("HELPLINE_MODEL");
     cmd
 }
+
+/// The real default knowledge base: `docs-corpus/` indexed once per test binary into a temporary
+/// directory (the same code path as `helpline index`). Returns the index directory and an open base.
+pub fn knowledge() -> &'static (tempfile::TempDir, helpline::retrieval::KnowledgeBase) {
+    static K: OnceLock<(tempfile::TempDir, helpline::retrieval::KnowledgeBase)> = OnceLock::new();
+    K.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let opts = helpline::retrieval::IndexOptions { docs_dir: root().join("docs-corpus"), index_dir: dir.path().to_path_buf() };
+        let report = helpline::retrieval::build_index(&opts).expect("docs-corpus indexes");
+        assert_eq!(report.skipped(), 0, "every docs-corpus file indexes:\n{report}");
+        let kb = helpline::retrieval::KnowledgeBase::open(dir.path()).expect("index opens");
+        (dir, kb)
+    })
+}

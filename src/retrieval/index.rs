@@ -1,0 +1,452 @@
+//! Building the index from a docs directory: incremental and atomic.
+//!
+//! - **Incremental**: a manifest (relative path -> sha256 of the bytes, doc id, status, chunk count)
+//!   travels in the tantivy commit payload. A re-run re-chunks only files whose bytes changed,
+//!   deletes the chunks of changed, removed or newly broken files by doc-id term, and does not
+//!   commit at all when the manifest would be unchanged.
+//! - **Atomic**: every change of one run goes into one tantivy commit, with the manifest as its
+//!   payload, so a reader sees the old state or the new one, never a mix; the manifest can never
+//!   disagree with the data.
+//! - **Schema changes**: the payload records [`SCHEMA_VERSION`]; a mismatch deletes every document
+//!   and re-indexes everything in that same single commit.
+//! - **Draft and retired articles are not indexed** (reported as `Excluded`): nothing may ever
+//!   serve them, and keeping them out also keeps their words out of the BM25 statistics. The search
+//!   side still requires `status == approved` on every query as a second line of defence.
+//! - `README.*` files without front matter and hidden files (`.name`) are ignored silently: they
+//!   describe the corpus and are not articles.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tantivy::directory::error::LockError;
+use tantivy::schema::Term;
+use tantivy::{doc, Index, IndexWriter, TantivyDocument, TantivyError};
+
+use super::chunk::chunk_blocks;
+use super::document::{self, Article, DocStatus, Format, ParseError};
+use super::schema::{self, Fields, KIND_CHUNK, KIND_META, SCHEMA_VERSION};
+use super::RetrievalError;
+
+/// Memory for tantivy's indexing threads. Enough for a corpus 100x the default one in one segment
+/// per thread; tantivy splits the work into more segments beyond that.
+const WRITER_MEMORY: usize = 64 << 20;
+
+#[derive(Debug, Clone)]
+pub struct IndexOptions {
+    pub docs_dir: PathBuf,
+    pub index_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IndexReport {
+    /// Every file looked at, in path order (ignored READMEs and hidden files are not listed),
+    /// followed by files removed since the previous build.
+    pub files: Vec<FileOutcome>,
+    /// Approved chunks now in the index.
+    pub chunks: usize,
+    /// Approved documents now in the index.
+    pub documents: usize,
+    /// Version of the indexed content after this run (see [`KnowledgeBase::version`](super::KnowledgeBase::version)).
+    pub version: String,
+    pub bytes_read: u64,
+    pub elapsed_ms: f64,
+    /// Whether this run wrote a commit (false when nothing changed).
+    pub committed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FileOutcome {
+    /// Path relative to the docs directory, `/`-separated.
+    pub path: String,
+    pub doc_id: Option<String>,
+    #[serde(flatten)]
+    pub status: FileStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum FileStatus {
+    /// New or changed since the last build, (re-)indexed with this many chunks.
+    Indexed { chunks: usize },
+    Unchanged,
+    /// The file is gone; its chunks were deleted.
+    Removed,
+    /// A draft or retired article: never indexed.
+    Excluded { doc_status: String },
+    /// Not indexed because of a problem with this file; the reason says what to change.
+    Skipped { reason: String },
+}
+
+impl IndexReport {
+    fn count(&self, pred: impl Fn(&FileStatus) -> bool) -> usize {
+        self.files.iter().filter(|f| pred(&f.status)).count()
+    }
+    pub fn indexed(&self) -> usize {
+        self.count(|s| matches!(s, FileStatus::Indexed { .. }))
+    }
+    pub fn unchanged(&self) -> usize {
+        self.count(|s| matches!(s, FileStatus::Unchanged))
+    }
+    pub fn removed(&self) -> usize {
+        self.count(|s| matches!(s, FileStatus::Removed))
+    }
+    pub fn excluded(&self) -> usize {
+        self.count(|s| matches!(s, FileStatus::Excluded { .. }))
+    }
+    pub fn skipped(&self) -> usize {
+        self.count(|s| matches!(s, FileStatus::Skipped { .. }))
+    }
+}
+
+impl fmt::Display for IndexReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} indexed, {} unchanged, {} removed, {} excluded (draft/retired), {} skipped",
+            self.indexed(),
+            self.unchanged(),
+            self.removed(),
+            self.excluded(),
+            self.skipped()
+        )?;
+        writeln!(
+            f,
+            "index: {} documents, {} chunks, version {} ({}; {:.1} KiB read in {:.0} ms)",
+            self.documents,
+            self.chunks,
+            self.version,
+            if self.committed { "committed" } else { "nothing changed, no commit" },
+            self.bytes_read as f64 / 1024.0,
+            self.elapsed_ms
+        )?;
+        for file in &self.files {
+            if let FileStatus::Skipped { reason } = &file.status {
+                writeln!(f, "skipped {}: {reason}", file.path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the commit payload records about one file that was accepted as an article.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ManifestEntry {
+    sha256: String,
+    doc_id: String,
+    /// `approved`, `draft` or `retired`; only approved entries have chunks in the index.
+    status: String,
+    chunks: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Manifest {
+    schema: String,
+    files: BTreeMap<String, ManifestEntry>,
+}
+
+impl Manifest {
+    fn empty() -> Manifest {
+        Manifest { schema: SCHEMA_VERSION.to_string(), files: BTreeMap::new() }
+    }
+
+    /// Content version: a hash of the schema version and every entry, so it is the same for the
+    /// same corpus whoever builds it, and changes whenever any indexed or excluded file changes.
+    fn version(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.schema.as_bytes());
+        for (path, e) in &self.files {
+            for part in [path.as_str(), &e.sha256, &e.doc_id, &e.status] {
+                h.update(part.as_bytes());
+                h.update([0]);
+            }
+        }
+        hex(&h.finalize()[..8])
+    }
+
+    fn approved(&self) -> impl Iterator<Item = &ManifestEntry> {
+        self.files.values().filter(|e| e.status == DocStatus::Approved.as_str())
+    }
+}
+
+/// Bookkeeping stored in the index itself (one document of kind `meta`), so that a reader learns
+/// the version and counts of exactly the commit its searcher sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct IndexMeta {
+    pub version: String,
+    pub chunks: usize,
+    pub documents: usize,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn tantivy_err(e: TantivyError) -> RetrievalError {
+    RetrievalError::Tantivy(e.to_string())
+}
+
+/// Reads the docs directory and brings the index at `index_dir` up to date in one commit.
+pub fn build_index(opts: &IndexOptions) -> Result<IndexReport, RetrievalError> {
+    let start = Instant::now();
+    let mut listing = Listing::default();
+    list_files(&opts.docs_dir, &opts.docs_dir, &mut listing)?;
+    listing.files.sort();
+
+    let index = open_or_create(&opts.index_dir)?;
+    let fields = Fields::resolve(&index.schema()).map_err(tantivy_err)?;
+    let mut writer: IndexWriter<TantivyDocument> = index.writer(WRITER_MEMORY).map_err(|e| match e {
+        TantivyError::LockFailure(LockError::LockBusy, _) => RetrievalError::Locked { path: opts.index_dir.clone() },
+        other => tantivy_err(other),
+    })?;
+    // Read the manifest only once the lock is held: no other writer can commit under us now.
+    let payload = index.load_metas().map_err(tantivy_err)?.payload;
+    let previous: Option<Manifest> = payload.and_then(|p| serde_json::from_str(&p).ok());
+    let full_rebuild = previous.as_ref().is_none_or(|m| m.schema != SCHEMA_VERSION);
+    let old = if full_rebuild { Manifest::empty() } else { previous.clone().unwrap_or_else(Manifest::empty) };
+
+    let mut bytes_read = 0u64;
+    let mut outcomes: Vec<FileOutcome> = listing.problems;
+    let mut new = Manifest::empty();
+    let mut to_add: Vec<(String, Article, usize)> = Vec::new(); // (path, article, outcome index)
+    let mut id_owner: HashMap<String, String> = HashMap::new();
+
+    for (rel, abs) in &listing.files {
+        let name = rel.rsplit('/').next().unwrap_or(rel);
+        let is_readme = name.to_ascii_lowercase().starts_with("readme.");
+        let Some(format) = Format::from_path(rel) else {
+            if !is_readme {
+                outcomes.push(skipped(rel, None, "unsupported file type (expected .md, .txt, .html or .htm)".into()));
+            }
+            continue;
+        };
+        let bytes = match std::fs::read(abs) {
+            Ok(b) => b,
+            Err(e) => {
+                outcomes.push(skipped(rel, None, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        bytes_read += bytes.len() as u64;
+        let article = match document::parse(&bytes, format) {
+            Ok(a) => a,
+            Err(ParseError::NoFrontMatter) if is_readme => continue,
+            Err(e) => {
+                outcomes.push(skipped(rel, None, e.to_string()));
+                continue;
+            }
+        };
+        let id = article.meta.id.clone();
+        // Ids are unique across the corpus; the first file in path order keeps the id and later
+        // ones are skipped, naming it, so an accidental copy cannot take an article offline.
+        if let Some(first) = id_owner.get(&id) {
+            outcomes.push(skipped(rel, Some(id.clone()), format!("duplicate id `{id}`: already used by {first}")));
+            continue;
+        }
+        id_owner.insert(id.clone(), rel.clone());
+        let sha = hex(&Sha256::digest(&bytes));
+        let status = article.meta.status;
+        if status != DocStatus::Approved {
+            new.files.insert(rel.clone(), ManifestEntry { sha256: sha, doc_id: id.clone(), status: status.as_str().into(), chunks: 0 });
+            outcomes.push(FileOutcome { path: rel.clone(), doc_id: Some(id), status: FileStatus::Excluded { doc_status: status.as_str().into() } });
+            continue;
+        }
+        let unchanged = old.files.get(rel).filter(|e| e.sha256 == sha && e.doc_id == id && e.status == status.as_str());
+        if let Some(entry) = unchanged {
+            new.files.insert(rel.clone(), entry.clone());
+            outcomes.push(FileOutcome { path: rel.clone(), doc_id: Some(id), status: FileStatus::Unchanged });
+            continue;
+        }
+        new.files.insert(rel.clone(), ManifestEntry { sha256: sha, doc_id: id.clone(), status: status.as_str().into(), chunks: 0 });
+        outcomes.push(FileOutcome { path: rel.clone(), doc_id: Some(id), status: FileStatus::Indexed { chunks: 0 } });
+        to_add.push((rel.clone(), article, outcomes.len() - 1));
+    }
+
+    // Files that were indexed and now are gone (or broken, or no longer approved) lose their chunks.
+    let present: HashSet<&str> = listing.files.iter().map(|(rel, _)| rel.as_str()).collect();
+    let mut delete_ids: HashSet<String> = HashSet::new();
+    for (path, entry) in &old.files {
+        if new.files.get(path) != Some(entry) && entry.chunks > 0 {
+            delete_ids.insert(entry.doc_id.clone());
+        }
+        if !present.contains(path.as_str()) {
+            outcomes.push(FileOutcome { path: path.clone(), doc_id: Some(entry.doc_id.clone()), status: FileStatus::Removed });
+        } else if !new.files.contains_key(path) && entry.chunks > 0 {
+            // Still on disk but skipped now: say that the old version is no longer served.
+            if let Some(o) = outcomes.iter_mut().find(|o| &o.path == path) {
+                if let FileStatus::Skipped { reason } = &mut o.status {
+                    reason.push_str(" (the previously indexed version was removed from the index)");
+                }
+            }
+        }
+    }
+    // A doc id whose chunks are deleted must be re-added if an unchanged file still owns it
+    // (an id that moved from one file to another).
+    for (rel, entry) in new.files.iter().filter(|(_, e)| e.status == DocStatus::Approved.as_str()) {
+        if delete_ids.contains(&entry.doc_id) && !to_add.iter().any(|(p, _, _)| p == rel) {
+            let abs = opts.docs_dir.join(rel);
+            let article = std::fs::read(&abs).ok().and_then(|b| document::parse(&b, Format::from_path(rel)?).ok());
+            if let (Some(article), Some(i)) = (article, outcomes.iter().position(|o| &o.path == rel)) {
+                outcomes[i].status = FileStatus::Indexed { chunks: 0 };
+                to_add.push((rel.clone(), article, i));
+            }
+        }
+    }
+    for (_, article, _) in &to_add {
+        delete_ids.insert(article.meta.id.clone());
+    }
+
+    // Chunk the new and changed articles (deletes first: tantivy applies a delete only to documents
+    // added before it).
+    if full_rebuild {
+        // Before any other operation: it resets the writer's operation stamps.
+        writer.delete_all_documents().map_err(tantivy_err)?;
+    } else {
+        for id in &delete_ids {
+            writer.delete_term(Term::from_field_text(fields.doc_id, id));
+        }
+    }
+    for (rel, article, outcome) in &to_add {
+        let chunks = chunk_blocks(&article.meta.title, &article.blocks);
+        let m = &article.meta;
+        for (ordinal, chunk) in chunks.iter().enumerate() {
+            writer
+                .add_document(doc!(
+                    fields.kind => KIND_CHUNK,
+                    fields.chunk_id => format!("{}#{ordinal}", m.id),
+                    fields.doc_id => m.id.as_str(),
+                    fields.ordinal => ordinal as u64,
+                    fields.title => m.title.as_str(),
+                    fields.section => chunk.section.as_str(),
+                    fields.text => chunk.text.as_str(),
+                    fields.source => rel.as_str(),
+                    fields.status => m.status.as_str(),
+                    fields.updated => m.updated.as_str(),
+                    fields.product_area => m.product_area.to_lowercase(),
+                    fields.locale => m.locale.as_str(),
+                ))
+                .map_err(tantivy_err)?;
+        }
+        if let Some(entry) = new.files.get_mut(rel) {
+            entry.chunks = chunks.len();
+        }
+        outcomes[*outcome].status = FileStatus::Indexed { chunks: chunks.len() };
+    }
+
+    let meta = IndexMeta {
+        version: new.version(),
+        chunks: new.approved().map(|e| e.chunks).sum(),
+        documents: new.approved().filter(|e| e.chunks > 0).count(),
+    };
+    let committed = full_rebuild || previous.as_ref() != Some(&new);
+    if committed {
+        writer.delete_term(Term::from_field_text(fields.kind, KIND_META));
+        let meta_json = serde_json::to_string(&meta).map_err(|e| RetrievalError::Tantivy(e.to_string()))?;
+        writer.add_document(doc!(fields.kind => KIND_META, fields.meta => meta_json)).map_err(tantivy_err)?;
+        let payload = serde_json::to_string(&new).map_err(|e| RetrievalError::Tantivy(e.to_string()))?;
+        let mut prepared = writer.prepare_commit().map_err(tantivy_err)?;
+        prepared.set_payload(&payload);
+        prepared.commit().map_err(tantivy_err)?;
+        // Merging threads finish in the background otherwise; waiting keeps the directory tidy
+        // and releases the lock only when everything is on disk.
+        writer.wait_merging_threads().map_err(tantivy_err)?;
+    }
+    Ok(IndexReport {
+        files: outcomes,
+        chunks: meta.chunks,
+        documents: meta.documents,
+        version: meta.version,
+        bytes_read,
+        elapsed_ms: start.elapsed().as_secs_f64() * 1e3,
+        committed,
+    })
+}
+
+fn skipped(path: &str, doc_id: Option<String>, reason: String) -> FileOutcome {
+    FileOutcome { path: path.to_string(), doc_id, status: FileStatus::Skipped { reason } }
+}
+
+#[derive(Default)]
+struct Listing {
+    /// (relative `/`-separated path, absolute path)
+    files: Vec<(String, PathBuf)>,
+    /// Sub-directories that could not be read.
+    problems: Vec<FileOutcome>,
+}
+
+/// Collects the regular files under `dir`, skipping hidden entries. Only an unreadable root is
+/// fatal; an unreadable sub-directory becomes a skipped entry.
+fn list_files(root: &Path, dir: &Path, out: &mut Listing) -> Result<(), RetrievalError> {
+    let rel_of = |p: &Path| p.strip_prefix(root).unwrap_or(p).components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if dir == root => return Err(RetrievalError::DocsDir { path: root.to_path_buf(), reason: e.to_string() }),
+        Err(e) => {
+            out.problems.push(skipped(&rel_of(dir), None, format!("cannot read directory: {e}")));
+            return Ok(());
+        }
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                out.problems.push(skipped(&rel_of(dir), None, format!("cannot read directory: {e}")));
+                continue;
+            }
+        };
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        // Follows symlinks to files; symlinked directories are not followed (no cycles).
+        let is_symlink = entry.file_type().map(|t| t.is_symlink()).unwrap_or(false);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() && !is_symlink => list_files(root, &path, out)?,
+            Ok(m) if m.is_file() => out.files.push((rel_of(&path), path)),
+            Ok(_) => {}
+            Err(e) => out.problems.push(skipped(&rel_of(&path), None, format!("cannot read: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Opens the index at `dir`, creating it when absent. An index with another tantivy schema is
+/// deleted and created anew (its readers keep their open files until they reopen).
+fn open_or_create(dir: &Path) -> Result<Index, RetrievalError> {
+    std::fs::create_dir_all(dir)?;
+    let want = schema::schema();
+    let index = if dir.join("meta.json").exists() {
+        let index = Index::open_in_dir(dir).map_err(tantivy_err)?;
+        if index.schema() == want {
+            index
+        } else {
+            drop(index);
+            remove_tantivy_files(dir)?;
+            Index::create_in_dir(dir, want).map_err(tantivy_err)?
+        }
+    } else {
+        Index::create_in_dir(dir, want).map_err(tantivy_err)?
+    };
+    schema::register_analyzer(&index);
+    Ok(index)
+}
+
+/// Deletes the files tantivy manages in `dir` (listed in `.managed.json`) and its meta files,
+/// leaving anything else (such as a README) alone.
+fn remove_tantivy_files(dir: &Path) -> Result<(), RetrievalError> {
+    let managed: Vec<String> = std::fs::read(dir.join(".managed.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    for name in managed.iter().map(String::as_str).chain(["meta.json", ".managed.json"]) {
+        if name.contains('/') || name.contains("..") {
+            continue;
+        }
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! Grounding one chat turn: retrieve passages for the customer's latest message (with their
+//! earlier messages for follow-ups), refuse without calling the model when nothing is relevant
+//! enough, otherwise assemble the budgeted prompt. After generation, the citation markers the
+//! model wrote become `helpline.citations`.
+
+use std::time::Instant;
+
+use super::dto::{BudgetOut, CitedBy, Dropped, GroundingInfo, GroundingStatus, HandoffInfo, PassageOut};
+use super::error::ApiError;
+use super::validate::{self, ValidChat, ValidGeneration};
+use super::AppState;
+use crate::prompt::{self, Budget, CitationFilter};
+use crate::retrieval::{self, Passage, RetrievalError};
+
+/// Earlier customer messages searched along with the latest one (for follow-ups).
+pub const EARLIER_TURNS: usize = 2;
+
+/// What to do with a chat turn.
+pub enum ChatPlan {
+    /// Run the model.
+    Generate { valid: ValidGeneration, grounding: GroundingCtx },
+    /// Answer with the refusal text; the model is not called.
+    Refuse { text: String, grounding: GroundingCtx, stream: bool, include_usage: bool },
+}
+
+/// What travels with an answer to its final chunk.
+#[derive(Debug, Clone)]
+pub struct GroundingCtx {
+    pub info: GroundingInfo,
+    pub handoff: Option<HandoffInfo>,
+    /// The passages given to the model (their text is needed to measure the answer's support).
+    pub given: Vec<Passage>,
+}
+
+/// The end of a grounded answer: the report, the citations, and text to append to the answer
+/// (attribution markers) before the final chunk.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    pub info: GroundingInfo,
+    pub citations: Option<Vec<PassageOut>>,
+    pub suffix: String,
+}
+
+impl GroundingCtx {
+    fn off() -> Self {
+        GroundingCtx {
+            info: GroundingInfo {
+                status: GroundingStatus::Off,
+                query: None,
+                index_version: None,
+                passages: Vec::new(),
+                dropped: Dropped::default(),
+                budget: BudgetOut::default(),
+                invalid_citations: 0,
+                retrieval_ms: 0.0,
+                support: None,
+            },
+            handoff: None,
+            given: Vec::new(),
+        }
+    }
+
+    /// A filter for the streamed text when the answer is grounded (markers are checked against the
+    /// passages given); none otherwise.
+    pub fn citation_filter(&self) -> Option<CitationFilter> {
+        (self.info.status == GroundingStatus::Grounded).then(|| CitationFilter::new(self.info.passages.len()))
+    }
+
+    /// The grounding report and citations once the answer is complete. `answer` is the text sent
+    /// so far (markers already filtered); `filter` the citation filter it went through.
+    ///
+    /// Citations are the passages the model's own markers name. When it wrote none (small models
+    /// often do not), the answer is attributed to the given passages that hold most of its content
+    /// words ([`prompt::attribute`]): their markers are appended to the answer and the citations say
+    /// `cited_by: "attribution"`. An answer no passage supports gets no citation, and
+    /// `grounding.support` shows how little of it the passages hold.
+    pub fn close(&self, filter: Option<&CitationFilter>, answer: &str) -> Closing {
+        let mut info = self.info.clone();
+        let Some(f) = filter.filter(|_| self.info.status == GroundingStatus::Grounded) else {
+            let citations = (self.info.status != GroundingStatus::Off).then(Vec::new);
+            return Closing { info, citations, suffix: String::new() };
+        };
+        info.invalid_citations = f.invalid();
+        let (overall, each) = prompt::support(answer, &self.given);
+        info.support = Some(overall);
+        let (numbers, by, suffix) = if f.cited().is_empty() {
+            let attributed = prompt::attribute(&each);
+            let suffix: String = attributed.iter().map(|n| format!(" [{n}]")).collect();
+            (attributed, CitedBy::Attribution, suffix)
+        } else {
+            (f.cited().to_vec(), CitedBy::Model, String::new())
+        };
+        let citations = numbers
+            .iter()
+            .filter_map(|n| self.info.passages.get(n - 1).cloned())
+            .map(|mut p| {
+                p.cited_by = Some(by);
+                p
+            })
+            .collect();
+        Closing { info, citations: Some(citations), suffix }
+    }
+
+    pub fn status_label(&self) -> &'static str {
+        match self.info.status {
+            GroundingStatus::Grounded => "grounded",
+            GroundingStatus::NoRelevantDocs => "no_relevant_docs",
+            GroundingStatus::Off => "off",
+        }
+    }
+}
+
+/// Where a passage can be read: the article view, scrolled to the chunk.
+pub fn passage_url(p: &Passage) -> String {
+    let n = p.chunk_id.rsplit('#').next().unwrap_or("0");
+    format!("/kb/{}#{}-{}", p.doc_id, p.doc_id, n)
+}
+
+pub fn passage_out(p: &Passage, index: Option<usize>, with_text: bool) -> PassageOut {
+    PassageOut {
+        index,
+        chunk_id: p.chunk_id.clone(),
+        doc_id: p.doc_id.clone(),
+        title: p.title.clone(),
+        section: p.section.clone(),
+        snippet: p.snippet.clone(),
+        score: p.score,
+        relevance: p.relevance,
+        url: passage_url(p),
+        text: with_text.then(|| p.text.clone()),
+        cited_by: None,
+    }
+}
+
+pub fn retrieval_error(e: RetrievalError) -> ApiError {
+    match e {
+        RetrievalError::NoIndex { .. } => ApiError::unavailable("no_index", e.to_string()),
+        other => ApiError::internal(other),
+    }
+}
+
+/// Decides a chat turn (runs on a blocking thread: retrieval and tokenizing are CPU work).
+pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
+    let loaded = state.loaded()?;
+    let cfg = &state.config;
+    let Some(filters) = chat.grounding else {
+        let valid = validate::chat_generation(&chat.messages, chat.sampling, cfg, loaded)?;
+        state.metrics.grounding("off");
+        return Ok(ChatPlan::Generate { valid, grounding: GroundingCtx::off() });
+    };
+    let kb = state.knowledge()?;
+    let g = &cfg.grounding;
+
+    // Validation guarantees the last message is the customer's.
+    let (latest, history) = chat.messages.split_last().ok_or_else(|| ApiError::invalid_field("messages", "`messages` is empty"))?;
+    let earlier: Vec<&str> = history.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect();
+    let earlier = &earlier[earlier.len().saturating_sub(EARLIER_TURNS)..];
+
+    let started = Instant::now();
+    let passages = kb.search_turn(&latest.content, earlier, g.passages, &filters).map_err(retrieval_error)?;
+    let retrieval_secs = started.elapsed().as_secs_f64();
+    state.metrics.observe_retrieval(retrieval_secs);
+
+    let mut query = earlier.join(" / ");
+    if !query.is_empty() {
+        query.push_str(" / ");
+    }
+    query.push_str(&latest.content);
+    let mut info = GroundingInfo {
+        status: GroundingStatus::Grounded,
+        query: Some(query),
+        index_version: Some(kb.version()),
+        passages: Vec::new(),
+        dropped: Dropped::default(),
+        budget: BudgetOut { passage_tokens: g.passage_tokens, history_tokens: g.history_tokens, ..BudgetOut::default() },
+        invalid_citations: 0,
+        retrieval_ms: retrieval_secs * 1e3,
+        support: None,
+    };
+
+    if !retrieval::is_relevant(&passages, g.min_relevance) {
+        state.metrics.grounding("no_relevant_docs");
+        info.status = GroundingStatus::NoRelevantDocs;
+        let handoff = HandoffInfo { offered: true, reason: "no_relevant_docs".into(), message: g.handoff_message.clone() };
+        return Ok(ChatPlan::Refuse {
+            text: g.refusal_message.clone(),
+            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new() },
+            stream: chat.sampling.stream,
+            include_usage: chat.sampling.include_usage,
+        });
+    }
+
+    let tok = &loaded.bundle.tokenizer;
+    // A tokenizer failure would only make the count wrong; the real prompt is checked against the context below.
+    let count = |text: &str| tok.encode(text, false).map(|ids| ids.len()).unwrap_or(text.len());
+    let budget = Budget { passage_tokens: g.passage_tokens, history_tokens: g.history_tokens };
+    let built = prompt::build(&passages, history, latest, budget, &count);
+    if built.given.is_empty() {
+        // Every relevant passage is longer than the whole passage budget: answering without them
+        // would be ungrounded, so this is a refusal too, with its own reason.
+        state.metrics.grounding("no_relevant_docs");
+        info.status = GroundingStatus::NoRelevantDocs;
+        info.dropped.passages = built.dropped_passages.iter().map(|d| d.chunk_id.clone()).collect();
+        let handoff = HandoffInfo { offered: true, reason: "passages_over_budget".into(), message: g.handoff_message.clone() };
+        return Ok(ChatPlan::Refuse {
+            text: g.refusal_message.clone(),
+            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new() },
+            stream: chat.sampling.stream,
+            include_usage: chat.sampling.include_usage,
+        });
+    }
+    info.passages = built.given.iter().enumerate().map(|(i, p)| passage_out(p, Some(i + 1), false)).collect();
+    info.dropped = Dropped {
+        passages: built.dropped_passages.iter().map(|d| d.chunk_id.clone()).collect(),
+        history_messages: built.dropped_history,
+    };
+    info.budget.passage_tokens_used = built.passage_tokens;
+    info.budget.history_tokens_used = built.history_tokens;
+    let valid = validate::chat_generation(&built.messages, chat.sampling, cfg, loaded)?;
+    state.metrics.grounding("grounded");
+    Ok(ChatPlan::Generate { valid, grounding: GroundingCtx { info, handoff: None, given: built.given } })
+}
