@@ -56,7 +56,7 @@ pub enum Command {
         gen: GenArgs,
     },
     /// Serve the OpenAI-compatible HTTP API (binds 127.0.0.1 unless told otherwise).
-    Serve(crate::config::ServeArgs),
+    Serve(Box<crate::config::ServeArgs>),
     /// Print the server's OpenAPI document (JSON).
     Openapi,
     /// Measure prompt processing and generation speed, like llama-bench; `bench serve` measures a running server.

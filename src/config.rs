@@ -79,7 +79,7 @@ impl Default for GroundingConfig {
             refusal_message: "I'm sorry, I can't answer that from our help center documentation, and I don't want to guess. \
                               Would you like me to connect you with a member of our support team?"
                 .into(),
-            handoff_message: "To talk to a person, email support@tallyworks.example or use \"Talk to a human\" below; \
+            handoff_message: "To talk to a person, email support@tallyworks.example or choose \"Talk to a human\"; \
                               our team answers within one business day."
                 .into(),
         }

@@ -198,7 +198,7 @@ impl CitationFilter {
             self.held.drain(..start);
             match self.classify() {
                 Marker::Pending => return out,
-                Marker::NotMarker => {
+                Marker::Plain => {
                     out.push('[');
                     self.held.drain(..1);
                 }
@@ -249,10 +249,10 @@ impl CitationFilter {
                 i += 1;
             }
             if i == bytes.len() {
-                return if i <= MAX_MARKER_LEN { Marker::Pending } else { Marker::NotMarker };
+                return if i <= MAX_MARKER_LEN { Marker::Pending } else { Marker::Plain };
             }
             if i == digits_start || i - digits_start > 3 {
-                return Marker::NotMarker;
+                return Marker::Plain;
             }
             numbers.push(self.held[digits_start..i].parse::<usize>().unwrap_or(0));
             match bytes[i] {
@@ -263,10 +263,10 @@ impl CitationFilter {
                         i += 1;
                     }
                     if i == bytes.len() {
-                        return if i <= MAX_MARKER_LEN { Marker::Pending } else { Marker::NotMarker };
+                        return if i <= MAX_MARKER_LEN { Marker::Pending } else { Marker::Plain };
                     }
                 }
-                _ => return Marker::NotMarker,
+                _ => return Marker::Plain,
             }
         }
     }
@@ -274,7 +274,7 @@ impl CitationFilter {
 
 enum Marker {
     Pending,
-    NotMarker,
+    Plain,
     Complete { len: usize, numbers: Vec<usize> },
 }
 

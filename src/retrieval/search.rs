@@ -60,7 +60,17 @@ pub const SNIPPET_CHARS: usize = 200;
 struct WeightedTerm {
     text: String,
     weight: f32,
+    /// Set when the customer's word was not in the index and `text` is its typo correction: the
+    /// correction finds articles, but the gate counts the word as only partly covered, since it may
+    /// not have been a typo at all ("payroll" is not a misspelled "payout").
+    corrected: bool,
 }
+
+/// Most searchable words (after stop words) a follow-up may have and still lean on earlier turns.
+pub const FOLLOW_UP_MAX_TERMS: usize = 4;
+
+/// Share of a corrected word's idf that a passage containing its correction covers.
+pub const CORRECTED_CREDIT: f32 = 0.5;
 
 /// A searchable, cheaply clonable handle on a built index. The reader reloads by itself shortly
 /// after another process commits; [`reload`](Self::reload) forces it now.
@@ -150,8 +160,38 @@ impl KnowledgeBase {
         k: usize,
         filters: &Filters,
     ) -> Result<Vec<Passage>, RetrievalError> {
+        let own = self.weighted_terms(current, &[], 0.0);
+        if earlier.is_empty() || !self.is_elliptical(&own)? {
+            return self.search_terms(&own, k, filters);
+        }
         let terms = self.weighted_terms(current, earlier, earlier_weight);
         self.search_terms(&terms, k, filters)
+    }
+
+    /// Whether a message reads as a follow-up that leans on the conversation ("and how long does
+    /// that take?", "what about the annual plan?"): at most [`FOLLOW_UP_MAX_TERMS`] searchable words,
+    /// every one of them known to the index. A message with a word the docs never use ("What is the
+    /// capital of Mongolia?") or with more to say is taken on its own: its topic is its own, and the
+    /// earlier turns must not lift it over the relevance gate.
+    fn is_elliptical(&self, own: &[WeightedTerm]) -> Result<bool, RetrievalError> {
+        if own.len() > FOLLOW_UP_MAX_TERMS {
+            return Ok(false);
+        }
+        let searcher = self.inner.reader.searcher();
+        let f = &self.inner.fields;
+        for t in own {
+            let mut known = false;
+            for field in [f.title, f.section, f.text] {
+                if searcher.doc_freq(&Term::from_field_text(field, &t.text)).map_err(tantivy_err)? > 0 {
+                    known = true;
+                    break;
+                }
+            }
+            if !known {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The chunks of an approved document in order (score 0, empty snippet); `None` when there is
@@ -301,6 +341,7 @@ impl KnowledgeBase {
                 .max_by(|(wa, da), (wb, db)| da.cmp(db).then_with(|| wb.cmp(wa)));
             if let Some((word, _)) = best {
                 t.text = word.clone();
+                t.corrected = true;
             }
         }
         // Two words may have been corrected to the same one.
@@ -324,7 +365,7 @@ impl KnowledgeBase {
                 match terms.iter_mut().find(|w| w.text == t) {
                     Some(w) => w.weight = w.weight.max(weight),
                     None if added < MAX_QUERY_TERMS => {
-                        terms.push(WeightedTerm { text: t, weight });
+                        terms.push(WeightedTerm { text: t, weight, corrected: false });
                         added += 1;
                     }
                     None => {}
@@ -346,6 +387,12 @@ impl KnowledgeBase {
         }
         let searcher = self.inner.reader.searcher();
         let mut terms = terms.to_vec();
+        // The gate weighs each word by its idf as the customer wrote it (a word the docs never use is
+        // the rarest there is); corrections only help find passages.
+        let written_idf: HashMap<String, f32> = {
+            let idf = self.idf(&searcher, &terms)?;
+            terms.iter().map(|t| t.text.clone()).zip(idf).collect()
+        };
         self.correct_typos(&searcher, &mut terms)?;
         let terms = &terms[..];
         let f = &self.inner.fields;
@@ -395,13 +442,18 @@ impl KnowledgeBase {
         }
         let mut snippets = SnippetGenerator::create(&searcher, &query, f.text).map_err(tantivy_err)?;
         snippets.set_max_num_chars(SNIPPET_CHARS);
-        let idf = self.idf(&searcher, terms)?;
+        let idf: Vec<f32> = {
+            let corrected_idf = self.idf(&searcher, terms)?;
+            terms.iter().zip(corrected_idf).map(|(t, i)| if t.corrected { written_idf.values().copied().fold(i, f32::max) } else { i }).collect()
+        };
+        let credit = |t: &WeightedTerm| if t.corrected { CORRECTED_CREDIT } else { 1.0 };
         let total: f32 = terms.iter().zip(&idf).map(|(t, idf)| t.weight * idf).sum();
         for p in &mut passages {
             p.snippet = plain_snippet(snippets.snippet(&p.text).fragment(), &p.text);
             let mut analyzer = self.inner.analyzer.clone();
             let words: HashSet<String> = schema::analyze(&mut analyzer, &format!("{}\n{}\n{}", p.title, p.section, p.text)).into_iter().collect();
-            let matched: f32 = terms.iter().zip(&idf).filter(|(t, _)| words.contains(&t.text)).map(|(t, idf)| t.weight * idf).sum();
+            let matched: f32 =
+                terms.iter().zip(&idf).filter(|(t, _)| words.contains(&t.text)).map(|(t, idf)| credit(t) * t.weight * idf).sum();
             let coverage = if total > 0.0 { (matched / total).clamp(0.0, 1.0) } else { 0.0 };
             let evidence = p.score * coverage.sqrt();
             p.relevance = evidence / (evidence + RELEVANCE_SCALE);

@@ -423,8 +423,8 @@ fn eval_set_recall_and_refusals_stay_above_thresholds() {
     assert!(r.recall_at_5 >= 0.86, "{summary}");
     assert!(r.mrr >= 0.74, "{summary}");
     assert!(r.refusal_precision >= 0.75, "{summary}");
-    assert!(r.refusal_recall >= 0.30, "{summary}");
-    assert!(r.gate_accuracy >= 0.86, "{summary}");
+    assert!(r.refusal_recall >= 0.38, "{summary}");
+    assert!(r.gate_accuracy >= 0.87, "{summary}");
     let false_refusals = r.misses.iter().filter(|m| matches!(m.kind, eval::MissKind::FalseRefusal)).count();
     assert!(false_refusals * 100 <= r.answerable * 3, "{summary}");
 }

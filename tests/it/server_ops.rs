@@ -693,7 +693,8 @@ fn binary_refuses_bad_config_and_a_taken_port() {
 /// refused), the answer still runs to `[DONE]`, and the process exits 0.
 #[test]
 fn binary_drains_in_flight_stream_on_sigterm() {
-    let mut bin = Bin::spawn(&["--shutdown-grace-secs", "120"], &[]);
+    // A long plain answer is needed in flight (a grounded off-topic prompt would be refused at once).
+    let mut bin = Bin::spawn(&["--shutdown-grace-secs", "120"], &[("HELPLINE_GROUNDING", "false")]);
     bin.wait_ready(&[]);
 
     let mut s = TcpStream::connect(bin.addr).unwrap();

@@ -405,9 +405,9 @@ async fn the_page_survives_scripted_streams_in_a_browser() {
     let q1 = json!({"role": "user", "content": "How do I change my password?"});
     let q2 = json!({"role": "user", "content": "And on mobile?"});
     let a1 = json!({"role": "assistant", "content": "Use <b>Settings</b> → Security [1] and [2], not [9]. <img src=x onerror=alert(1)>"});
-    assert_eq!(bodies[0], json!({"messages": [q1], "stream": true, "temperature": 0}));
+    assert_eq!(bodies[0], json!({"messages": [q1], "stream": true, "temperature": 0, "frequency_penalty": 0.5}));
     assert_eq!(bodies[1], bodies[0], "the automatic retry sends the same request");
-    assert_eq!(bodies[2], json!({"messages": [q1, a1, q2], "stream": true, "temperature": 0}));
+    assert_eq!(bodies[2], json!({"messages": [q1, a1, q2], "stream": true, "temperature": 0, "frequency_penalty": 0.5}));
     assert_eq!(bodies[3], bodies[2], "a failed turn is not part of the history");
 }
 

@@ -102,7 +102,8 @@
   }
 
   function citationLabel(c) {
-    return c.section ? `${c.title} › ${c.section}` : String(c.title || c.doc_id || 'Source');
+    const title = String(c.title || c.doc_id || 'Source');
+    return c.section ? `${title} › ${c.section}` : title;
   }
 
   function sourceLink(c, content, attrs = {}) {
@@ -216,9 +217,10 @@
     const key = sessionStorage.getItem(KEY_STORAGE);
     if (key) headers.Authorization = `Bearer ${key}`;
     const messages = [...history, { role: 'user', content: turn.text }];
-    // Greedy decoding: support answers should be reproducible and stay close to the passages
-    // (the API's default temperature of 1 lets small models wander off the documentation).
-    const body = JSON.stringify({ messages, stream: true, temperature: 0 });
+    // Support answers should be reproducible and stay close to the passages: greedy decoding (the
+    // API's default temperature of 1 lets small models wander off the documentation), with a
+    // frequency penalty so greedy text does not loop on one line.
+    const body = JSON.stringify({ messages, stream: true, temperature: 0, frequency_penalty: 0.5 });
     const resp = await fetch('/v1/chat/completions', { method: 'POST', headers, body, signal });
     turn.connected = true;
     if (!resp.ok) return httpFailure(turn, resp);
