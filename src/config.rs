@@ -63,6 +63,8 @@ pub struct GroundingConfig {
     pub refusal_message: String,
     /// How a customer reaches a human (shown with refusals and on the chat page).
     pub handoff_message: String,
+    /// The policy pack (forbidden commitments, escalation triggers, out-of-scope topics).
+    pub policy_file: PathBuf,
 }
 
 impl Default for GroundingConfig {
@@ -82,6 +84,7 @@ impl Default for GroundingConfig {
             handoff_message: "To talk to a person, email support@tallyworks.example or choose \"Talk to a human\"; \
                               our team answers within one business day."
                 .into(),
+            policy_file: PathBuf::from("docs-corpus/policy.toml"),
         }
     }
 }
@@ -200,6 +203,9 @@ pub struct ServeArgs {
     /// How customers reach a human (shown with refusals and on the chat page).
     #[arg(long)]
     pub handoff_message: Option<String>,
+    /// The policy pack TOML (default docs-corpus/policy.toml); validated at start-up and on reload.
+    #[arg(long, value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
 }
 
 /// Where a setting's value came from; errors name it.
@@ -267,6 +273,7 @@ pub const SETTINGS: &[&str] = &[
     "history_token_budget",
     "refusal_message",
     "handoff_message",
+    "policy_file",
 ];
 
 /// The environment variable for a setting: `HELPLINE_` + its name in upper case.
@@ -371,6 +378,7 @@ pub fn load_with_env(
         history_tokens: get("history_token_budget", 0, 1 << 16, g.history_tokens)?,
         refusal_message: r.text("refusal_message", 2000)?.unwrap_or(g.refusal_message),
         handoff_message: r.text("handoff_message", 2000)?.unwrap_or(g.handoff_message),
+        policy_file: path("policy_file")?.unwrap_or(g.policy_file),
     };
 
     Ok(ServeConfig {
@@ -472,6 +480,7 @@ impl Resolver<'_> {
             "history_token_budget" => int(a.history_token_budget.map(|v| v as u64)),
             "refusal_message" => a.refusal_message.clone().map(Raw::Text),
             "handoff_message" => a.handoff_message.clone().map(Raw::Text),
+            "policy_file" => a.policy_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
             _ => None,
         }
     }

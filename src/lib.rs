@@ -8,6 +8,7 @@
 pub mod model;
 pub mod prompt;
 pub mod tokenizer;
+pub mod guard;
 pub mod retrieval;
 pub mod sampler;
 pub mod engine;

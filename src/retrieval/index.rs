@@ -13,7 +13,8 @@
 //!   serve them, and keeping them out also keeps their words out of the BM25 statistics. The search
 //!   side still requires `status == approved` on every query as a second line of defence.
 //! - `README.*` files without front matter and hidden files (`.name`) are ignored silently: they
-//!   describe the corpus and are not articles.
+//!   describe the corpus and are not articles. So are `*.toml` files: configuration that lives beside
+//!   the docs it governs (the policy pack, `policy.toml`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -216,9 +217,12 @@ pub fn build_index(opts: &IndexOptions) -> Result<IndexReport, RetrievalError> {
 
     for (rel, abs) in &listing.files {
         let name = rel.rsplit('/').next().unwrap_or(rel);
-        let is_readme = name.to_ascii_lowercase().starts_with("readme.");
+        let lower = name.to_ascii_lowercase();
+        let is_readme = lower.starts_with("readme.");
+        // READMEs describe the corpus; TOML files beside the docs are configuration (the policy pack).
+        let by_design = is_readme || lower.ends_with(".toml");
         let Some(format) = Format::from_path(rel) else {
-            if !is_readme {
+            if !by_design {
                 outcomes.push(skipped(rel, None, "unsupported file type (expected .md, .txt, .html or .htm)".into()));
             }
             continue;

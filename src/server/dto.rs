@@ -226,6 +226,8 @@ pub enum GroundingStatus {
     NoRelevantDocs,
     /// Grounding was turned off for this request (or by the operator).
     Off,
+    /// The policy pack answered the turn (a handoff or an out-of-scope refusal) before retrieval.
+    Skipped,
 }
 
 /// What retrieval found and what went into the prompt (under `helpline.grounding`).
@@ -372,6 +374,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached, or the model's context is full.
     Length,
+    /// The policy pack made the bot refuse (an out-of-scope topic); the text is also in `refusal`.
+    ContentFilter,
 }
 
 impl From<EngineFinishReason> for FinishReason {
@@ -432,6 +436,32 @@ pub struct HelplineInfo {
     /// Present when the bot offers a person instead of an answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffInfo>,
+    /// Chat answers: the policy pack's part in this answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardInfo>,
+}
+
+/// What the policy pack did to an answer (under `helpline.guard`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuardInfo {
+    /// The `version` of the policy pack in force.
+    pub policy_version: String,
+    /// What the policy did: `handoff` (an escalation trigger fired), `refusal` (an out-of-scope
+    /// topic), or `none` (the answer went ahead).
+    pub action: GuardAction,
+    /// Rules that fired on this turn, by id.
+    pub rules: Vec<String>,
+    /// The reason code of the escalation or refusal (e.g. `legal_threat`, `human_request`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardAction {
+    None,
+    Handoff,
+    Refusal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -498,7 +528,8 @@ pub struct ChatChoice {
 pub struct AssistantMessage {
     pub role: AssistantRole,
     pub content: String,
-    /// Always null.
+    /// The refusal text when the policy pack made the bot refuse (`finish_reason: "content_filter"`);
+    /// the same text is in `content` for clients that only read that. Otherwise null.
     pub refusal: Option<String>,
 }
 
@@ -538,6 +569,9 @@ pub struct ChatDelta {
     pub role: Option<AssistantRole>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// The refusal text, once, when the policy pack made the bot refuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
 }
 
 /// Answer of `POST /v1/completions`; streaming sends the same shape per event (with

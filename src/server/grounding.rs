@@ -5,10 +5,12 @@
 
 use std::time::Instant;
 
-use super::dto::{BudgetOut, CitedBy, Dropped, GroundingInfo, GroundingStatus, HandoffInfo, PassageOut};
+use super::dto::{BudgetOut, CitedBy, Dropped, FinishReason, GroundingInfo, GroundingStatus, GuardAction, GuardInfo, HandoffInfo, PassageOut};
 use super::error::ApiError;
 use super::validate::{self, ValidChat, ValidGeneration};
 use super::AppState;
+use crate::guard::escalation::Turn;
+use crate::guard::ActivePolicy;
 use crate::prompt::{self, Budget, CitationFilter};
 use crate::retrieval::{self, Passage, RetrievalError};
 
@@ -19,8 +21,9 @@ pub const EARLIER_TURNS: usize = 2;
 pub enum ChatPlan {
     /// Run the model.
     Generate { valid: ValidGeneration, grounding: GroundingCtx },
-    /// Answer with the refusal text; the model is not called.
-    Refuse { text: String, grounding: GroundingCtx, stream: bool, include_usage: bool },
+    /// Answer with a fixed text (a refusal or a handoff); the model is not called.
+    /// `finish` is `content_filter` when the policy pack refused (the text then also goes in `refusal`).
+    Refuse { text: String, grounding: GroundingCtx, stream: bool, include_usage: bool, finish: FinishReason },
 }
 
 /// What travels with an answer to its final chunk.
@@ -30,6 +33,8 @@ pub struct GroundingCtx {
     pub handoff: Option<HandoffInfo>,
     /// The passages given to the model (their text is needed to measure the answer's support).
     pub given: Vec<Passage>,
+    /// What the policy pack did on this turn.
+    pub guard: Option<GuardInfo>,
 }
 
 /// The end of a grounded answer: the report, the citations, and text to append to the answer
@@ -57,6 +62,7 @@ impl GroundingCtx {
             },
             handoff: None,
             given: Vec::new(),
+            guard: None,
         }
     }
 
@@ -77,7 +83,7 @@ impl GroundingCtx {
     pub fn close(&self, filter: Option<&CitationFilter>, answer: &str) -> Closing {
         let mut info = self.info.clone();
         let Some(f) = filter.filter(|_| self.info.status == GroundingStatus::Grounded) else {
-            let citations = (self.info.status != GroundingStatus::Off).then(Vec::new);
+            let citations = matches!(self.info.status, GroundingStatus::Grounded | GroundingStatus::NoRelevantDocs).then(Vec::new);
             return Closing { info, citations, suffix: String::new() };
         };
         info.invalid_citations = f.invalid();
@@ -106,6 +112,7 @@ impl GroundingCtx {
             GroundingStatus::Grounded => "grounded",
             GroundingStatus::NoRelevantDocs => "no_relevant_docs",
             GroundingStatus::Off => "off",
+            GroundingStatus::Skipped => "skipped",
         }
     }
 }
@@ -141,6 +148,59 @@ pub fn retrieval_error(e: RetrievalError) -> ApiError {
 
 /// Decides a chat turn (runs on a blocking thread: retrieval and tokenizing are CPU work).
 pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
+    let policy = state.policy()?;
+    if let Some(answer) = policy_answer(state, &policy, &chat) {
+        return Ok(answer);
+    }
+    let mut plan = plan_grounded(state, chat)?;
+    let none = GuardInfo { policy_version: policy.pack.version.clone(), action: GuardAction::None, rules: Vec::new(), reason: None };
+    match &mut plan {
+        ChatPlan::Generate { grounding, .. } | ChatPlan::Refuse { grounding, .. } => grounding.guard = Some(none),
+    }
+    Ok(plan)
+}
+
+/// The policy pack's own answer to the turn, if it has one: a handoff when an escalation trigger
+/// fires on the customer's messages, a refusal when the latest message is on an out-of-scope topic.
+/// Decided from the pack alone; neither retrieval nor the model runs.
+fn policy_answer(state: &AppState, policy: &ActivePolicy, chat: &ValidChat) -> Option<ChatPlan> {
+    let pack = &policy.pack;
+    let turns: Vec<Turn<'_>> = chat
+        .messages
+        .iter()
+        .filter(|m| m.role == "user" || m.role == "assistant")
+        .map(|m| Turn { from_customer: m.role == "user", text: &m.content })
+        .collect();
+    let latest = turns.last().filter(|t| t.from_customer)?;
+    let refusals = [pack.messages.refusal.trim(), state.config.grounding.refusal_message.trim()];
+    let is_refusal = |t: &str| refusals.contains(&t.trim()) || pack.out_of_scope.iter().any(|r| r.reply.trim() == t.trim());
+    let (text, fired, action, finish) = if let Some(fired) = policy.triggers.escalation(&turns, &is_refusal) {
+        (pack.messages.handoff.clone(), fired, GuardAction::Handoff, FinishReason::Stop)
+    } else if let Some((fired, reply)) = policy.triggers.out_of_scope(latest.text) {
+        (reply.to_string(), fired, GuardAction::Refusal, FinishReason::ContentFilter)
+    } else {
+        return None;
+    };
+    state.metrics.guard_rule(&fired.rule, action_label(action));
+    let mut ctx = GroundingCtx::off();
+    ctx.info.status = GroundingStatus::Skipped;
+    if action == GuardAction::Handoff {
+        ctx.handoff = Some(HandoffInfo { offered: true, reason: fired.reason.clone(), message: pack.messages.handoff.clone() });
+    }
+    ctx.guard = Some(GuardInfo { policy_version: pack.version.clone(), action, rules: vec![fired.rule], reason: Some(fired.reason) });
+    Some(ChatPlan::Refuse { text, grounding: ctx, stream: chat.sampling.stream, include_usage: chat.sampling.include_usage, finish })
+}
+
+fn action_label(a: GuardAction) -> &'static str {
+    match a {
+        GuardAction::None => "none",
+        GuardAction::Handoff => "handoff",
+        GuardAction::Refusal => "refusal",
+    }
+}
+
+/// Retrieval, the relevance gate and the budgeted prompt (or the plain prompt when grounding is off).
+fn plan_grounded(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
     let loaded = state.loaded()?;
     let cfg = &state.config;
     let Some(filters) = chat.grounding else {
@@ -184,9 +244,10 @@ pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
         let handoff = HandoffInfo { offered: true, reason: "no_relevant_docs".into(), message: g.handoff_message.clone() };
         return Ok(ChatPlan::Refuse {
             text: g.refusal_message.clone(),
-            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new() },
+            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None },
             stream: chat.sampling.stream,
             include_usage: chat.sampling.include_usage,
+            finish: FinishReason::Stop,
         });
     }
 
@@ -204,9 +265,10 @@ pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
         let handoff = HandoffInfo { offered: true, reason: "passages_over_budget".into(), message: g.handoff_message.clone() };
         return Ok(ChatPlan::Refuse {
             text: g.refusal_message.clone(),
-            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new() },
+            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None },
             stream: chat.sampling.stream,
             include_usage: chat.sampling.include_usage,
+            finish: FinishReason::Stop,
         });
     }
     info.passages = built.given.iter().enumerate().map(|(i, p)| passage_out(p, Some(i + 1), false)).collect();
@@ -218,5 +280,5 @@ pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
     info.budget.history_tokens_used = built.history_tokens;
     let valid = validate::chat_generation(&built.messages, chat.sampling, cfg, loaded)?;
     state.metrics.grounding("grounded");
-    Ok(ChatPlan::Generate { valid, grounding: GroundingCtx { info, handoff: None, given: built.given } })
+    Ok(ChatPlan::Generate { valid, grounding: GroundingCtx { info, handoff: None, given: built.given, guard: None } })
 }

@@ -25,6 +25,7 @@ use super::{AppState, Loaded, SharedState};
 use crate::config::{self, ServeArgs, ServeConfig};
 use crate::engine::{Engine, EngineConfig, ModelBundle};
 use crate::model::fetch::{self, HubConfig};
+use crate::guard::ActivePolicy;
 use crate::retrieval::{build_index, IndexOptions, KnowledgeBase};
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting (the listener is
@@ -181,6 +182,9 @@ async fn run(mut cfg: ServeConfig) -> anyhow::Result<(anyhow::Result<()>, Shared
 /// Resolves, loads and starts the model, then makes it available to the handlers.
 fn load_model(state: &AppState) -> Result<(), String> {
     let cfg = &state.config;
+    let policy = ActivePolicy::load(&cfg.grounding.policy_file).map_err(|e| format!("{e}; fix the pack or point --policy-file at a valid one"))?;
+    eprintln!("helpline: policy pack {} ({}) in force", policy.pack.version, cfg.grounding.policy_file.display());
+    state.set_policy(policy);
     open_knowledge(state)?;
     let start = Instant::now();
     let path = fetch::resolve_model_arg(cfg.model.as_deref(), &HubConfig::from_env(), &mut |msg| eprintln!("{msg}"))

@@ -29,6 +29,9 @@ pub struct Metrics {
     retrieval: Histogram,
     invalid_citations: AtomicU64,
     index_reloads: Mutex<BTreeMap<&'static str, u64>>,
+    /// (policy rule id, action) -> times it fired.
+    guard_rules: Mutex<BTreeMap<(String, &'static str), u64>>,
+    policy_reloads: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
@@ -44,6 +47,8 @@ impl Default for Metrics {
             retrieval: Histogram::new(RETRIEVAL_BUCKETS),
             invalid_citations: AtomicU64::new(0),
             index_reloads: Mutex::new(BTreeMap::new()),
+            guard_rules: Mutex::new(BTreeMap::new()),
+            policy_reloads: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -102,6 +107,18 @@ impl Metrics {
         *map.entry(outcome).or_insert(0) += 1;
     }
 
+    /// A policy rule fired on a chat turn (`action`: `handoff` or `refusal`).
+    pub fn guard_rule(&self, rule: &str, action: &'static str) {
+        let mut map = self.guard_rules.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry((rule.to_string(), action)).or_insert(0) += 1;
+    }
+
+    /// One policy reload (`ok` or `failed`).
+    pub fn policy_reload(&self, outcome: &'static str) {
+        let mut map = self.policy_reloads.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(outcome).or_insert(0) += 1;
+    }
+
     /// The exposition text; `engine` is `None` until the model has loaded (`helpline_ready` 0).
     pub fn render(&self, engine: Option<&EngineStats>) -> String {
         self.render_with(engine, engine.is_some())
@@ -142,6 +159,14 @@ impl Metrics {
         self.retrieval.render(&mut out, "helpline_retrieval_seconds", "Time to retrieve passages for one chat turn or /v1/retrieve call.");
         counter(&mut out, "helpline_invalid_citations_total", "Citation markers removed because they named no passage given to the model.", self.invalid_citations.load(Ordering::Relaxed));
         labelled(&mut out, "helpline_index_reloads_total", "Index rebuilds through the reload route, by outcome.", "outcome", &self.index_reloads);
+        header(&mut out, "helpline_guard_rules_total", "counter", "Policy rules that fired on chat turns, by rule id and action.");
+        {
+            let map = self.guard_rules.lock().unwrap_or_else(|e| e.into_inner());
+            for ((rule, action), n) in map.iter() {
+                let _ = writeln!(out, "helpline_guard_rules_total{{rule=\"{}\",action=\"{action}\"}} {n}", escape_label(rule));
+            }
+        }
+        labelled(&mut out, "helpline_policy_reloads_total", "Policy pack reloads, by outcome.", "outcome", &self.policy_reloads);
         counter(&mut out, "helpline_completed_total", "Generations that ran to their end.", load(|s| s.completed_total.load(Ordering::Relaxed)));
         out
     }

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod openai;
 pub mod openapi;
+pub mod policy;
 pub mod ops;
 pub mod sse;
 pub mod validate;
@@ -25,6 +26,7 @@ use axum::Router;
 
 use crate::config::ServeConfig;
 use crate::engine::{Engine, ModelBundle};
+use crate::guard::ActivePolicy;
 use crate::retrieval::KnowledgeBase;
 pub use error::{ApiError, ApiJson};
 pub use metrics::Metrics;
@@ -45,6 +47,8 @@ pub struct AppState {
     knowledge: RwLock<Option<KnowledgeBase>>,
     /// Serializes index rebuilds started through the API.
     pub reindexing: tokio::sync::Mutex<()>,
+    /// The policy pack in force; replaced whole on reload, never half-applied.
+    policy: RwLock<Option<Arc<ActivePolicy>>>,
 }
 
 impl AppState {
@@ -56,6 +60,7 @@ impl AppState {
             loaded: OnceLock::new(),
             knowledge: RwLock::new(None),
             reindexing: tokio::sync::Mutex::new(()),
+            policy: RwLock::new(None),
         })
     }
 
@@ -89,6 +94,18 @@ impl AppState {
         })
     }
 
+    /// Puts a validated policy pack in force (replacing the previous one whole).
+    pub fn set_policy(&self, policy: ActivePolicy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(policy));
+    }
+
+    /// The policy pack in force, or 503 when none loaded (guarded chat fails closed).
+    pub fn policy(&self) -> Result<Arc<ActivePolicy>, ApiError> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| {
+            ApiError::unavailable("no_policy", "no policy pack is loaded, so answers cannot be guarded; fix the pack and POST /v1/policy/reload")
+        })
+    }
+
     pub fn has_knowledge(&self) -> bool {
         self.knowledge.read().unwrap_or_else(|e| e.into_inner()).is_some()
     }
@@ -103,6 +120,6 @@ pub type SharedState = Arc<AppState>;
 /// The whole application: API routes, operational routes, then the cross-cutting layers
 /// (request ids and logging, metrics, auth, CORS, body limit) and the JSON 404/405 fallbacks.
 pub fn router(state: SharedState) -> Router {
-    let app = Router::new().merge(openai::routes()).merge(knowledge::routes()).merge(ops::routes()).merge(openapi::routes()).merge(web::routes());
+    let app = Router::new().merge(openai::routes()).merge(knowledge::routes()).merge(policy::routes()).merge(ops::routes()).merge(openapi::routes()).merge(web::routes());
     middleware::apply(app, state.clone()).with_state(state)
 }

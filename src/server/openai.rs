@@ -21,7 +21,6 @@ use super::dto::{
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ListObject, ModelCard, ModelList,
     ModelObject, TokenizeRequest, TokenizeResponse,
 };
-use super::dto::FinishReason;
 use super::error::{ApiError, ApiJson};
 use super::grounding::{self, ChatPlan, GroundingCtx};
 use super::sse::{self, Flavor, Meta, Tracker};
@@ -87,7 +86,7 @@ pub async fn chat_completions(
     .await?;
     match plan {
         ChatPlan::Generate { valid, grounding } => generate(state, valid, Flavor::Chat, Some(grounding)).await,
-        ChatPlan::Refuse { text, grounding, stream, include_usage } => {
+        ChatPlan::Refuse { text, grounding, stream, include_usage, finish } => {
             let meta = Meta {
                 id: new_id(Flavor::Chat.id_prefix()),
                 created: unix_now(),
@@ -99,9 +98,9 @@ pub async fn chat_completions(
                 grounding: Some(grounding),
             };
             if stream {
-                return Ok(sse::fixed_answer(meta, text, state.config.keep_alive));
+                return Ok(sse::fixed_answer(meta, text, finish, state.config.keep_alive));
             }
-            let mut resp = meta.whole(text, FinishReason::Stop, 0, &Default::default(), None);
+            let mut resp = meta.whole(text, finish, 0, &Default::default(), None);
             resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok(resp)
         }

@@ -11,6 +11,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::dto;
 use super::knowledge;
+use super::policy;
 use super::openai;
 use super::SharedState;
 
@@ -36,6 +37,8 @@ When the server has API keys configured, every route but `GET /health` and the c
         knowledge::retrieve,
         knowledge::index_status,
         knowledge::reload,
+        policy::policy_status,
+        policy::reload,
         health,
         ready,
         metrics,

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::dto::{
     AssistantMessage, AssistantRole, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionChunkObject,
-    ChatCompletionObject, ChatDelta, ErrorDetail, ErrorResponse, FinishReason, HelplineInfo, TextChoice, TextCompletion,
+    ChatCompletionObject, ChatDelta, ErrorDetail, ErrorResponse, FinishReason, GroundingStatus, HelplineInfo, TextChoice, TextCompletion,
     TextCompletionObject, TimingsOut, Usage,
 };
 use super::grounding::{Closing, GroundingCtx};
@@ -79,7 +79,11 @@ impl Meta {
                 model: self.model.clone(),
                 choices: vec![ChatChoice {
                     index: 0,
-                    message: AssistantMessage { role: AssistantRole::Assistant, content: text, refusal: None },
+                    message: AssistantMessage {
+                        role: AssistantRole::Assistant,
+                        refusal: (reason == FinishReason::ContentFilter).then(|| text.clone()),
+                        content: text,
+                    },
                     logprobs: None,
                     finish_reason: reason,
                 }],
@@ -106,10 +110,11 @@ impl Meta {
     pub fn helpline(&self, timings: &Timings, closing: Option<Closing>) -> HelplineInfo {
         let timings = TimingsOut::from(timings);
         match &self.grounding {
-            None => HelplineInfo { timings, grounding: None, citations: None, handoff: None },
+            None => HelplineInfo { timings, grounding: None, citations: None, handoff: None, guard: None },
             Some(g) => {
                 let closing = closing.unwrap_or_else(|| g.close(None, ""));
-                HelplineInfo { timings, grounding: Some(closing.info), citations: closing.citations, handoff: g.handoff.clone() }
+                let grounding = (closing.info.status != GroundingStatus::Skipped).then_some(closing.info);
+                HelplineInfo { timings, grounding, citations: closing.citations, handoff: g.handoff.clone(), guard: g.guard.clone() }
             }
         }
     }
@@ -154,7 +159,7 @@ impl Meta {
     fn opening(&self) -> Option<SseEvent> {
         match self.flavor {
             Flavor::Chat => {
-                let delta = ChatDelta { role: Some(AssistantRole::Assistant), content: Some(String::new()) };
+                let delta = ChatDelta { role: Some(AssistantRole::Assistant), content: Some(String::new()), refusal: None };
                 Some(json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None)))
             }
             Flavor::Text => None,
@@ -164,7 +169,7 @@ impl Meta {
     fn content(&self, text: String) -> SseEvent {
         match self.flavor {
             Flavor::Chat => {
-                let delta = ChatDelta { role: None, content: Some(text) };
+                let delta = ChatDelta { role: None, content: Some(text), refusal: None };
                 json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None))
             }
             Flavor::Text => json_event(&self.text_chunk(vec![text_choice(text, None)], None, None)),
@@ -189,11 +194,17 @@ impl Meta {
 
 /// An answer that does not come from the model (the grounding refusal): the same events a generated
 /// answer has (role, content, final chunk with `helpline`, usage when asked, `[DONE]`).
-pub fn fixed_answer(meta: Meta, text: String, keep_alive: Duration) -> Response {
+/// A `content_filter` answer carries its text in `delta.refusal` as well as in `delta.content`.
+pub fn fixed_answer(meta: Meta, text: String, finish: FinishReason, keep_alive: Duration) -> Response {
     let timings = Timings::default();
     let mut events: Vec<SseEvent> = meta.opening().into_iter().collect();
-    events.push(meta.content(text));
-    events.push(meta.finish(FinishReason::Stop, &timings, None));
+    if finish == FinishReason::ContentFilter && meta.flavor == Flavor::Chat {
+        let delta = ChatDelta { role: None, content: Some(text.clone()), refusal: Some(text) };
+        events.push(json_event(&meta.chat_chunk(vec![chat_choice(delta, None)], None, None)));
+    } else {
+        events.push(meta.content(text));
+    }
+    events.push(meta.finish(finish, &timings, None));
     if meta.include_usage {
         events.push(meta.usage(Usage::new(meta.prompt_tokens, 0)));
     }

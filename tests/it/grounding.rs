@@ -460,10 +460,11 @@ async fn grounded_answers_over_the_eval_set_cite_only_given_passages() {
     for (case, body) in cases.iter().zip(answers.iter()) {
         let h = &body["helpline"];
         let content = body["choices"][0]["message"]["content"].as_str().unwrap();
-        let status = h["grounding"]["status"].as_str().unwrap();
+        // A turn the policy pack answered (a handoff or an out-of-scope refusal) has no grounding.
+        let status = h["grounding"]["status"].as_str().unwrap_or("policy");
         let is_answerable = !case.relevant.is_empty();
         if is_answerable { answerable += 1 } else { unanswerable += 1 }
-        if status == "no_relevant_docs" {
+        if status == "no_relevant_docs" || status == "policy" {
             if is_answerable { refused_wrong += 1 } else { refused_ok += 1 }
             continue;
         }

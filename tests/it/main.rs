@@ -16,3 +16,5 @@ mod grounding;
 mod webdriver;
 mod web_chat;
 mod retrieval;
+mod guard;
+mod policy;

@@ -32,6 +32,7 @@ impl TestServer {
     fn start(mut cfg: ServeConfig) -> TestServer {
         cfg.shutdown_grace = cfg.shutdown_grace.min(Duration::from_secs(2));
         let state = AppState::new(cfg.clone());
+        state.set_policy(crate::support::policy());
         let app = server::router(state.clone());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -680,6 +681,17 @@ fn binary_refuses_bad_config_and_a_taken_port() {
     assert_eq!(status.code(), Some(1));
     std::thread::sleep(Duration::from_millis(100));
     assert!(bin.stderr().contains("/nonexistent/helpline-test.gguf"), "{}", bin.stderr());
+
+    // An invalid policy pack: named rule, non-zero exit, nothing served half-guarded.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("policy.toml");
+    let shipped = std::fs::read_to_string(support::root().join("docs-corpus/policy.toml")).unwrap();
+    std::fs::write(&bad, shipped.replacen("id = \"competitor\"", "id = \"Competitor Names\"", 1)).unwrap();
+    let mut bin = Bin::spawn(&["--policy-file", bad.to_str().unwrap()], &[]);
+    let status = bin.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(bin.stderr().contains("forbidden rule \"Competitor Names\"") && bin.stderr().contains("kebab-case"), "{}", bin.stderr());
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();

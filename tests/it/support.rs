@@ -68,3 +68,8 @@ pub fn knowledge() -> &'static (tempfile::TempDir, helpline::retrieval::Knowledg
         (dir, kb)
     })
 }
+
+/// The shipped policy pack (`docs-corpus/policy.toml`), validated and compiled.
+pub fn policy() -> helpline::guard::ActivePolicy {
+    helpline::guard::ActivePolicy::load(&root().join("docs-corpus/policy.toml")).expect("the shipped policy pack is valid")
+}

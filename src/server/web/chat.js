@@ -328,7 +328,8 @@
     keepingScroll(() => {
       renderAnswer(bot.text, answer, citations);
       if (citations.length) bot.node.append(sourcesList(citations));
-      if (status === 'no_relevant_docs' || (hl.handoff && hl.handoff.offered)) {
+      // A refusal: the docs do not cover it, the policy refused the topic, or a person takes over.
+      if (status === 'no_relevant_docs' || finish.reason === 'content_filter' || (hl.handoff && hl.handoff.offered)) {
         bot.node.classList.add('refusal');
         bot.node.append(refusalNote(hl.handoff));
       }

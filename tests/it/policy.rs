@@ -1,0 +1,153 @@
+//! The policy pack on a real server with the real model: escalation triggers route the turn to the
+//! handoff reply with a reason code and out-of-scope topics to a `content_filter` refusal, both
+//! without the model; the outcome is reported under `helpline.guard` and counted per rule; the pack
+//! reloads whole or not at all.
+
+use std::sync::atomic::Ordering;
+
+use helpline::config::ServeConfig;
+use serde_json::{json, Value};
+
+use crate::server_support::{start_grounded_server, TestServer};
+use crate::support;
+
+fn ask(turns: &[(&str, &str)], stream: bool) -> Value {
+    let messages: Vec<Value> = turns.iter().map(|(role, content)| json!({"role": role, "content": content})).collect();
+    json!({"messages": messages, "temperature": 0, "max_tokens": 16, "stream": stream})
+}
+
+/// (content, finish_reason, refusal, helpline) of a chat answer, streamed or not.
+async fn answer(server: &TestServer, body: &Value) -> (String, String, Option<String>, Value) {
+    if body["stream"] == true {
+        let data = server.stream("/v1/chat/completions", body).await.collect_data().await;
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+        let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        let refusal: Option<String> = chunks.iter().find_map(|c| c["choices"][0]["delta"]["refusal"].as_str().map(str::to_string));
+        let fin = chunks.iter().find(|c| !c["choices"][0]["finish_reason"].is_null()).expect("a final chunk");
+        (text, fin["choices"][0]["finish_reason"].as_str().unwrap().to_string(), refusal, fin["helpline"].clone())
+    } else {
+        let resp = server.post_json("/v1/chat/completions", body).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let b = resp.json();
+        let c = &b["choices"][0];
+        (
+            c["message"]["content"].as_str().unwrap().to_string(),
+            c["finish_reason"].as_str().unwrap().to_string(),
+            c["message"]["refusal"].as_str().map(str::to_string),
+            b["helpline"].clone(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn escalation_triggers_hand_over_with_a_reason_code_without_the_model() {
+    let server = start_grounded_server(ServeConfig::default()).await;
+    let pack = support::policy().pack;
+    let stats = server.engine().stats().clone();
+    let before = stats.completed_total.load(Ordering::SeqCst);
+    let refusal = server.state.config.grounding.refusal_message.clone();
+    // (conversation, expected reason, expected rule)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (vec![("user", "This is ridiculous, my lawyer will hear about this refund.")], "legal_threat", "legal-threat"),
+        (vec![("user", "Ich gebe das an meinen Anwalt weiter.")], "legal_threat", "legal-threat"),
+        (vec![("user", "If you don't fix it I'll file a chargeback with my bank")], "chargeback", "chargeback"),
+        (vec![("user", "Can I talk to a human please?")], "human_request", "human-request"),
+        (
+            vec![("user", "What is the capital of Mongolia?"), ("assistant", refusal.as_str()), ("user", "that didn't help at all")],
+            "repeated_failure",
+            "repeated-failure",
+        ),
+    ];
+    for (turns, reason, rule) in &cases {
+        for stream in [false, true] {
+            let (content, finish, refusal_field, h) = answer(&server, &ask(turns, stream)).await;
+            assert_eq!(content, pack.messages.handoff, "{turns:?}");
+            assert_eq!(finish, "stop");
+            assert!(refusal_field.is_none());
+            assert_eq!(h["handoff"]["offered"], true, "{h}");
+            assert_eq!(h["handoff"]["reason"], *reason, "{h}");
+            assert_eq!(h["guard"]["action"], "handoff", "{h}");
+            assert_eq!(h["guard"]["reason"], *reason);
+            assert_eq!(h["guard"]["rules"], json!([rule]));
+            assert_eq!(h["guard"]["policy_version"], pack.version.as_str());
+            assert!(h["grounding"].is_null(), "no retrieval ran: {h}");
+        }
+    }
+    assert_eq!(stats.completed_total.load(Ordering::SeqCst), before, "the model never ran");
+    let metrics = server.get("/metrics").await.text();
+    assert!(metrics.contains("helpline_guard_rules_total{rule=\"legal-threat\",action=\"handoff\"} 4"), "{metrics}");
+    assert!(metrics.contains("helpline_guard_rules_total{rule=\"repeated-failure\",action=\"handoff\"} 2"), "{metrics}");
+}
+
+#[tokio::test]
+async fn out_of_scope_topics_are_refused_with_content_filter() {
+    let server = start_grounded_server(ServeConfig::default()).await;
+    let pack = support::policy().pack;
+    let reply = pack.out_of_scope.iter().find(|r| r.id == "tax-advice").unwrap().reply.clone();
+    for stream in [false, true] {
+        let (content, finish, refusal, h) = answer(&server, &ask(&[("user", "Can I deduct my Tallyworks subscription? I need tax advice")], stream)).await;
+        assert_eq!(finish, "content_filter");
+        assert_eq!(content, reply);
+        assert_eq!(refusal.as_deref(), Some(reply.as_str()));
+        assert_eq!(h["guard"]["action"], "refusal", "{h}");
+        assert_eq!(h["guard"]["rules"], json!(["tax-advice"]));
+        assert!(h["handoff"].is_null());
+    }
+}
+
+#[tokio::test]
+async fn ordinary_questions_go_ahead_and_report_the_policy_version() {
+    let server = start_grounded_server(ServeConfig::default()).await;
+    let (content, finish, refusal, h) = answer(&server, &ask(&[("user", "How do I reset my password?")], false)).await;
+    assert!(!content.is_empty());
+    assert_ne!(finish, "content_filter");
+    assert!(refusal.is_none());
+    assert_eq!(h["guard"], json!({"policy_version": support::policy().pack.version, "action": "none", "rules": []}));
+    assert_eq!(h["grounding"]["status"], "grounded");
+    // One complaint after a real answer is not yet repeated failure.
+    let turns = [("user", "How do I reset my password?"), ("assistant", "Use Forgot password? on the sign-in page [1]."), ("user", "still not working")];
+    let (_, _, _, h) = answer(&server, &ask(&turns, false)).await;
+    assert_eq!(h["guard"]["action"], "none", "{h}");
+}
+
+#[tokio::test]
+async fn the_pack_reloads_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    let shipped = std::fs::read_to_string(support::root().join("docs-corpus/policy.toml")).unwrap();
+    std::fs::write(&file, &shipped).unwrap();
+    let mut cfg = ServeConfig::default();
+    cfg.grounding.policy_file = file.clone();
+    let server = start_grounded_server(cfg).await;
+    let status = server.get("/v1/policy").await.json();
+    assert_eq!(status["version"], support::policy().pack.version.as_str());
+    assert!(status["escalation"].as_array().unwrap().iter().any(|r| r == "legal-threat"));
+
+    // An invalid pack (a bad regex in one rule) is refused naming the rule; the old pack stays.
+    let broken = shipped.replacen("patterns = [\"\\\\bsu(e|ing)", "patterns = [\"[unclosed", 1);
+    assert_ne!(broken, shipped, "the edit applies");
+    std::fs::write(&file, broken).unwrap();
+    let resp = server.post_json("/v1/policy/reload", &json!({})).await;
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    let err = resp.json();
+    assert_eq!(err["error"]["code"], "invalid_policy");
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("escalation rule \"legal-threat\": pattern 1") && msg.contains("not a valid regular expression"), "{msg}");
+    let (content, _, _, _) = answer(&server, &ask(&[("user", "my attorney will call you")], false)).await;
+    assert_eq!(content, support::policy().pack.messages.handoff, "the previous pack is still in force");
+
+    // A valid new pack replaces it: a new version and a new trigger.
+    let next = shipped.replacen("version = \"2026-11-27.1\"", "version = \"test-2\"", 1).replacen("\"small claims\",", "\"small claims\", \"ombudsman\",", 1);
+    std::fs::write(&file, next).unwrap();
+    let resp = server.post_json("/v1/policy/reload", &json!({})).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["version"], "test-2");
+    let (_, _, _, h) = answer(&server, &ask(&[("user", "I'm writing to the ombudsman")], false)).await;
+    assert_eq!(h["guard"]["reason"], "legal_threat", "{h}");
+    assert_eq!(h["guard"]["policy_version"], "test-2");
+    let metrics = server.get("/metrics").await.text();
+    assert!(metrics.contains("helpline_policy_reloads_total{outcome=\"failed\"} 1"), "{metrics}");
+    assert!(metrics.contains("helpline_policy_reloads_total{outcome=\"ok\"} 1"), "{metrics}");
+}
