@@ -210,7 +210,7 @@ impl GenArgs {
     }
 
     fn job(&self, prompt: Vec<u32>) -> Job {
-        Job { prompt, params: self.params(), max_tokens: self.max_tokens, stop: self.stop.clone(), skip_special: true }
+        Job { prompt, params: self.params(), max_tokens: self.max_tokens, stop: self.stop.clone(), skip_special: true, guard: None }
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 mod bundle;
 pub use bundle::{BundleError, ModelBundle};
 
+use crate::guard::grammar::GuardMatcher;
 use crate::model::{BatchItem, KvCache, Model, ModelError, Weights};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{StopFilter, StreamDecoder, Tokenizer};
@@ -48,6 +49,20 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Drop special tokens (e.g. end-of-turn markers) from the streamed text.
     pub skip_special: bool,
+    /// A decode-time constraint: before each token is sampled, every token it does not allow gets
+    /// a logit of minus infinity (greedy and sampled decoding alike), so nothing it forbids can be
+    /// generated or streamed. A token the constraint then refuses ends the job with an error.
+    pub guard: Option<JobGuard>,
+}
+
+/// The per-sequence constraint of a [`Job`].
+#[derive(Clone)]
+pub struct JobGuard(pub GuardMatcher);
+
+impl std::fmt::Debug for JobGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobGuard")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -104,6 +119,19 @@ pub struct EngineStats {
     pub completed_total: AtomicU64,
     pub cancelled_total: AtomicU64,
     pub rejected_total: AtomicU64,
+    /// Token masks computed for constrained sequences, and the time they took (nanoseconds).
+    pub masks_total: AtomicU64,
+    pub mask_nanos_total: AtomicU64,
+    pub mask_nanos_max: AtomicU64,
+}
+
+impl EngineStats {
+    fn record_mask(&self, elapsed: Duration) {
+        let nanos = elapsed.as_nanos().min(u64::MAX as u128) as u64;
+        self.masks_total.fetch_add(1, Ordering::Relaxed);
+        self.mask_nanos_total.fetch_add(nanos, Ordering::Relaxed);
+        self.mask_nanos_max.fetch_max(nanos, Ordering::Relaxed);
+    }
 }
 
 /// Handle to the engine thread. Dropping it stops the thread once queued work is done.
@@ -244,6 +272,7 @@ struct Sequence {
     max_tokens: usize,
     cache: KvCache,
     sampler: Sampler,
+    guard: Option<GuardMatcher>,
     decoder: StreamDecoder,
     stops: StopFilter,
     admitted: Instant,
@@ -373,6 +402,7 @@ impl Worker {
                 max_tokens: job.max_tokens.min(room),
                 cache: self.weights.new_cache(),
                 sampler: Sampler::new(job.params),
+                guard: job.guard.map(|g| g.0),
                 decoder: StreamDecoder::new(self.tokenizer.clone(), job.skip_special),
                 stops: StopFilter::new(job.stop),
                 admitted: Instant::now(),
@@ -396,12 +426,24 @@ impl Worker {
             seq.prompt_done = Some(Instant::now());
         }
         let mut logits: Vec<f32> = logits.to_vec1()?;
+        if let Some(guard) = seq.guard.as_mut() {
+            match guard.fill_mask(&mut logits) {
+                Ok(m) => self.stats.record_mask(m.elapsed),
+                Err(e) => return Ok(fail(seq, format!("the output constraint failed: {e}"))),
+            }
+        }
         let generated = seq.generated();
         let id = seq.sampler.sample(&mut logits, &seq.context, generated);
         seq.first_token.get_or_insert_with(Instant::now);
         self.stats.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
         if self.tokenizer.eog_ids().contains(&id) {
             return Ok(finish(seq, FinishReason::Stop));
+        }
+        if let Some(guard) = seq.guard.as_mut() {
+            // Fail closed: a token the constraint refuses is never streamed.
+            if let Err(e) = guard.accept(id) {
+                return Ok(fail(seq, format!("the output constraint refused token {id}: {e}")));
+            }
         }
         seq.context.push(id);
         let piece = seq.decoder.push(id);
@@ -416,8 +458,17 @@ impl Worker {
         if seq.generated() >= seq.max_tokens {
             return Ok(finish(seq, FinishReason::Length));
         }
+        if seq.guard.as_ref().is_some_and(GuardMatcher::is_stopped) {
+            // The constraint's grammar is complete: nothing more may follow.
+            return Ok(finish(seq, FinishReason::Stop));
+        }
         Ok(Step::Continue)
     }
+}
+
+fn fail(seq: &mut Sequence, message: String) -> Step {
+    let _ = seq.events.send(Event::Error(message));
+    Step::Finished
 }
 
 fn finish(seq: &mut Sequence, reason: FinishReason) -> Step {

@@ -112,7 +112,16 @@ impl Default for GuardLimits {
             max_depth: 32,
             compile_budget: Duration::from_millis(500),
             max_citations: 99,
-            parser: ParserLimits { verbose_errors: false, ..ParserLimits::default() },
+            // A real pack forbids a hundred or so phrases: the lexer of "any text not containing one of
+            // them" derives many more regex states on the first tokens than llguidance's defaults
+            // (sized for JSON) allow. Measured on the shipped pack, the first masks of an answer need
+            // about 10x the default step fuel; later ones hit the cached states.
+            parser: ParserLimits {
+                verbose_errors: false,
+                step_lexer_fuel: 20_000_000,
+                initial_lexer_fuel: 20_000_000,
+                ..ParserLimits::default()
+            },
         }
     }
 }

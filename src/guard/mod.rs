@@ -17,6 +17,10 @@ use policy::{PolicyError, PolicyPack};
 pub struct ActivePolicy {
     pub pack: PolicyPack,
     pub triggers: escalation::Triggers,
+    /// The pack's answer grammar by number of citable passages, compiled on first use. Matchers of
+    /// one compiled grammar share its lexer caches, so after the first answers a mask costs a
+    /// fraction of a cold one.
+    grammars: std::sync::Mutex<std::collections::HashMap<usize, grammar::CompiledGuard>>,
 }
 
 impl ActivePolicy {
@@ -26,6 +30,30 @@ impl ActivePolicy {
             e.source_name = Some(path.display().to_string());
             e
         })?;
-        Ok(ActivePolicy { pack, triggers })
+        Ok(ActivePolicy { pack, triggers, grammars: Default::default() })
+    }
+
+    /// The pack's grammar for an answer that may cite `citations` passages: no forbidden commitment
+    /// in any casing or token split, markers only for the passages given, and the refusal as a
+    /// branch the model may take instead of answering.
+    pub fn answer_grammar(&self, compiler: &grammar::GuardCompiler, citations: usize) -> Result<grammar::CompiledGuard, grammar::GuardError> {
+        let mut cache = self.grammars.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = cache.get(&citations) {
+            return Ok(g.clone());
+        }
+        let forbidden = self
+            .pack
+            .forbidden
+            .iter()
+            .flat_map(|r| {
+                let phrases = r.phrases.iter().map(move |p| grammar::Forbidden::phrase(&r.id, p));
+                let patterns = r.patterns.iter().map(move |p| grammar::Forbidden::regex(&r.id, p));
+                phrases.chain(patterns)
+            })
+            .collect();
+        let spec = grammar::PolicyGrammar { forbidden, citations, refusal: self.pack.messages.refusal.clone(), quote_sources: None };
+        let compiled = compiler.compile(&grammar::Constraint::Policy(spec))?;
+        cache.insert(citations, compiled.clone());
+        Ok(compiled)
     }
 }

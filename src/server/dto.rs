@@ -454,6 +454,12 @@ pub struct GuardInfo {
     /// The reason code of the escalation or refusal (e.g. `legal_threat`, `human_request`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// When the answer was generated under the pack's grammar: its sha256, and the rules it enforced
+    /// while decoding (forbidden commitments; citation markers limited to the passages given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constrained_by: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -10,6 +10,8 @@ use super::error::ApiError;
 use super::validate::{self, ValidChat, ValidGeneration};
 use super::AppState;
 use crate::guard::escalation::Turn;
+use crate::engine::JobGuard;
+use crate::guard::grammar::CompiledGuard;
 use crate::guard::ActivePolicy;
 use crate::prompt::{self, Budget, CitationFilter};
 use crate::retrieval::{self, Passage, RetrievalError};
@@ -153,11 +155,33 @@ pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
         return Ok(answer);
     }
     let mut plan = plan_grounded(state, chat)?;
-    let none = GuardInfo { policy_version: policy.pack.version.clone(), action: GuardAction::None, rules: Vec::new(), reason: None };
+    let mut info = GuardInfo {
+        policy_version: policy.pack.version.clone(),
+        action: GuardAction::None,
+        rules: Vec::new(),
+        reason: None,
+        grammar_hash: None,
+        constrained_by: Vec::new(),
+    };
     match &mut plan {
-        ChatPlan::Generate { grounding, .. } | ChatPlan::Refuse { grounding, .. } => grounding.guard = Some(none),
+        ChatPlan::Generate { valid, grounding } => {
+            let guard = policy_guard(state, &policy, grounding.info.passages.len())?;
+            info.grammar_hash = Some(guard.hash().to_string());
+            info.constrained_by = policy.pack.forbidden.iter().map(|r| r.id.clone()).collect();
+            info.constrained_by.push("citations".into());
+            valid.job.guard = Some(JobGuard(guard.matcher()));
+            grounding.guard = Some(info);
+        }
+        ChatPlan::Refuse { grounding, .. } => grounding.guard = Some(info),
     }
     Ok(plan)
+}
+
+/// The pack's grammar for one answer (see [`ActivePolicy::answer_grammar`]). Fails closed: a
+/// grammar that does not compile is a 500, never an unconstrained answer.
+fn policy_guard(state: &AppState, policy: &ActivePolicy, citations: usize) -> Result<CompiledGuard, ApiError> {
+    let loaded = state.loaded()?;
+    policy.answer_grammar(&loaded.guard, citations).map_err(|e| ApiError::internal(format!("the policy grammar does not compile: {e}")))
 }
 
 /// The policy pack's own answer to the turn, if it has one: a handoff when an escalation trigger
@@ -187,7 +211,14 @@ fn policy_answer(state: &AppState, policy: &ActivePolicy, chat: &ValidChat) -> O
     if action == GuardAction::Handoff {
         ctx.handoff = Some(HandoffInfo { offered: true, reason: fired.reason.clone(), message: pack.messages.handoff.clone() });
     }
-    ctx.guard = Some(GuardInfo { policy_version: pack.version.clone(), action, rules: vec![fired.rule], reason: Some(fired.reason) });
+    ctx.guard = Some(GuardInfo {
+        policy_version: pack.version.clone(),
+        action,
+        rules: vec![fired.rule],
+        reason: Some(fired.reason),
+        grammar_hash: None,
+        constrained_by: Vec::new(),
+    });
     Some(ChatPlan::Refuse { text, grounding: ctx, stream: chat.sampling.stream, include_usage: chat.sampling.include_usage, finish })
 }
 

@@ -25,6 +25,7 @@ use super::{AppState, Loaded, SharedState};
 use crate::config::{self, ServeArgs, ServeConfig};
 use crate::engine::{Engine, EngineConfig, ModelBundle};
 use crate::model::fetch::{self, HubConfig};
+use crate::guard::grammar::GuardCompiler;
 use crate::guard::ActivePolicy;
 use crate::retrieval::{build_index, IndexOptions, KnowledgeBase};
 
@@ -197,7 +198,8 @@ fn load_model(state: &AppState) -> Result<(), String> {
         EngineConfig { queue_capacity: cfg.queue_capacity, max_active: cfg.max_concurrent, prefill_chunk: 256 },
     )
     .map_err(|e| format!("cannot start the engine: {e}"))?;
-    state.set_loaded(Loaded { bundle, engine });
+    let guard = GuardCompiler::new(&bundle.tokenizer).map_err(|e| format!("cannot prepare output constraints for the model's tokenizer: {e}"))?;
+    state.set_loaded(Loaded { bundle, engine, guard: Arc::new(guard) });
     eprintln!("helpline: model {} ready in {:.1} s", path.display(), start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -167,6 +167,11 @@ impl Metrics {
             }
         }
         labelled(&mut out, "helpline_policy_reloads_total", "Policy pack reloads, by outcome.", "outcome", &self.policy_reloads);
+        counter(&mut out, "helpline_guard_masks_total", "Token masks computed for guarded generations.", load(|s| s.masks_total.load(Ordering::Relaxed)));
+        header(&mut out, "helpline_guard_mask_seconds_total", "counter", "Time spent computing token masks.");
+        let _ = writeln!(out, "helpline_guard_mask_seconds_total {}", load(|s| s.mask_nanos_total.load(Ordering::Relaxed)) as f64 / 1e9);
+        header(&mut out, "helpline_guard_mask_seconds_max", "gauge", "Longest single token mask computation.");
+        let _ = writeln!(out, "helpline_guard_mask_seconds_max {}", load(|s| s.mask_nanos_max.load(Ordering::Relaxed)) as f64 / 1e9);
         counter(&mut out, "helpline_completed_total", "Generations that ran to their end.", load(|s| s.completed_total.load(Ordering::Relaxed)));
         out
     }

@@ -26,6 +26,7 @@ use axum::Router;
 
 use crate::config::ServeConfig;
 use crate::engine::{Engine, ModelBundle};
+use crate::guard::grammar::GuardCompiler;
 use crate::guard::ActivePolicy;
 use crate::retrieval::KnowledgeBase;
 pub use error::{ApiError, ApiJson};
@@ -35,6 +36,8 @@ pub use metrics::Metrics;
 pub struct Loaded {
     pub bundle: ModelBundle,
     pub engine: Engine,
+    /// Compiles output constraints for the model's tokenizer (built once: it walks the vocabulary).
+    pub guard: Arc<GuardCompiler>,
 }
 
 pub struct AppState {

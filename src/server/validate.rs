@@ -169,7 +169,7 @@ pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -
 fn finish(prompt: Vec<u32>, s: ValidSampling, cfg: &ServeConfig, max_positions: usize) -> Result<ValidGeneration, ApiError> {
     let max_tokens = fit_context(prompt.len(), s.max_tokens, cfg, max_positions)?;
     Ok(ValidGeneration {
-        job: Job { prompt, params: s.params, max_tokens, stop: s.stop, skip_special: true },
+        job: Job { prompt, params: s.params, max_tokens, stop: s.stop, skip_special: true, guard: None },
         stream: s.stream,
         include_usage: s.include_usage,
     })

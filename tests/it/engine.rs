@@ -19,7 +19,7 @@ fn prompt(question: &str) -> Vec<u32> {
 }
 
 fn job(question: &str, params: SamplingParams, max_tokens: usize) -> Job {
-    Job { prompt: prompt(question), params, max_tokens, stop: vec![], skip_special: true }
+    Job { prompt: prompt(question), params, max_tokens, stop: vec![], skip_special: true, guard: None }
 }
 
 fn sampled(seed: u64) -> SamplingParams {
@@ -160,12 +160,12 @@ fn full_queue_refuses_at_once() {
 fn bad_jobs_are_refused_with_what_to_change() {
     let e = engine(1, 4);
     let max = e.max_positions();
-    let long = Job { prompt: vec![1; max], params: SamplingParams::greedy(), max_tokens: 1, stop: vec![], skip_special: true };
+    let long = Job { prompt: vec![1; max], params: SamplingParams::greedy(), max_tokens: 1, stop: vec![], skip_special: true, guard: None };
     let err = e.submit(long).unwrap_err();
     assert_eq!(err, SubmitError::PromptTooLong { prompt_tokens: max, max });
     assert!(err.to_string().contains(&format!("{max} tokens")));
     let err = e.submit(job("Hi!", SamplingParams { top_p: 0.0, ..Default::default() }, 4)).unwrap_err();
     assert!(err.to_string().contains("`top_p` must be in (0, 1]"), "{err}");
-    let empty = Job { prompt: vec![], params: SamplingParams::greedy(), max_tokens: 1, stop: vec![], skip_special: true };
+    let empty = Job { prompt: vec![], params: SamplingParams::greedy(), max_tokens: 1, stop: vec![], skip_special: true, guard: None };
     assert_eq!(e.submit(empty).unwrap_err(), SubmitError::EmptyPrompt);
 }

@@ -524,3 +524,4 @@ fn gemma3_tokenizer_blocks_phrases_too() {
     let m = drive(&guard, &tok, answer);
     assert!(m.is_accepting());
 }
+

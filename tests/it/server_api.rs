@@ -95,7 +95,7 @@ async fn chat_completion_greedy_answer_with_usage_and_timings() {
     assert_eq!(choice["finish_reason"], "stop");
 
     let (text, ids) =
-        direct(&server, Job { prompt: hi_prompt(), params: SamplingParams::greedy(), max_tokens: 32, stop: vec![], skip_special: true })
+        direct(&server, Job { prompt: hi_prompt(), params: SamplingParams::greedy(), max_tokens: 32, stop: vec![], skip_special: true, guard: None })
             .await;
     assert_eq!(text, HI_ANSWER);
     let usage = &body["usage"];

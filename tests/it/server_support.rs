@@ -102,7 +102,7 @@ pub fn default_model(cfg: &ServeConfig) -> Loaded {
     };
     let engine_cfg = EngineConfig { queue_capacity: cfg.queue_capacity, max_active: cfg.max_concurrent, ..Default::default() };
     let engine = Engine::start(&bundle.model, bundle.tokenizer.clone(), engine_cfg).expect("engine starts");
-    Loaded { bundle, engine }
+    Loaded { bundle, engine, guard: support::guard_compiler() }
 }
 
 impl TestServer {

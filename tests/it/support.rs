@@ -73,3 +73,10 @@ pub fn knowledge() -> &'static (tempfile::TempDir, helpline::retrieval::Knowledg
 pub fn policy() -> helpline::guard::ActivePolicy {
     helpline::guard::ActivePolicy::load(&root().join("docs-corpus/policy.toml")).expect("the shipped policy pack is valid")
 }
+
+/// The output-constraint compiler for the default model's tokenizer, built once per test binary.
+pub fn guard_compiler() -> std::sync::Arc<helpline::guard::grammar::GuardCompiler> {
+    static G: OnceLock<std::sync::Arc<helpline::guard::grammar::GuardCompiler>> = OnceLock::new();
+    G.get_or_init(|| std::sync::Arc::new(helpline::guard::grammar::GuardCompiler::new(&smollm2_bundle().tokenizer).expect("guard compiler")))
+        .clone()
+}
