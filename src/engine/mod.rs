@@ -57,7 +57,7 @@ pub struct Job {
 
 /// The per-sequence constraint of a [`Job`].
 #[derive(Clone)]
-pub struct JobGuard(pub GuardMatcher);
+pub struct JobGuard(pub Box<GuardMatcher>);
 
 impl std::fmt::Debug for JobGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -402,7 +402,7 @@ impl Worker {
                 max_tokens: job.max_tokens.min(room),
                 cache: self.weights.new_cache(),
                 sampler: Sampler::new(job.params),
-                guard: job.guard.map(|g| g.0),
+                guard: job.guard.map(|g| *g.0),
                 decoder: StreamDecoder::new(self.tokenizer.clone(), job.skip_special),
                 stops: StopFilter::new(job.stop),
                 admitted: Instant::now(),

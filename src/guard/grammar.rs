@@ -20,6 +20,8 @@
 //! ANSWER:  BODY & ~FORBIDDEN
 //! BODY:    /(?:[^\[\]\p{Cf}]|\[(?:1|2|...|n)\])+/
 //! FORBIDDEN: /(?is).*(?:phrase-1|phrase-2|regex-3...).*/
+//! (a regex written as a whole word, `[^a-z]word[^a-z]`, also gets a FORBIDDEN_EDGE lexeme for the
+//! answer's start and end, which the lexer cannot anchor otherwise)
 //! ```
 //!
 //! - The answer is one lexeme, so the "no forbidden phrase" condition holds over the whole
@@ -383,6 +385,31 @@ fn forbidden_union(p: &PolicyGrammar, max_depth: usize) -> Result<Option<String>
     Ok((!parts.is_empty()).then(|| format!("(?:{})", parts.join("|"))))
 }
 
+/// A non-letter, as a forbidden pattern writes it to mark a whole word: `[^a-z]sage[^a-z]`.
+const NON_LETTER: &str = "[^a-z]";
+
+/// llguidance's lexer has no anchors or look-around, so a whole-word pattern (`[^a-z]word[^a-z]`)
+/// would miss the word at the very start or end of the answer. These are the same patterns with
+/// the edge classes dropped, anchored at the answer's start, end, or both (a lexeme matches the
+/// whole answer): `(?is)(?:word[^a-z]).*|.*(?:[^a-z]word)|(?:word)`. `None` when no pattern has one.
+fn edge_variants(p: &PolicyGrammar) -> Option<String> {
+    let mut alts = Vec::new();
+    for f in p.forbidden.iter().filter(|f| f.regex) {
+        let start = f.pattern.strip_prefix(NON_LETTER);
+        let end = f.pattern.strip_suffix(NON_LETTER);
+        if let Some(rest) = start {
+            alts.push(format!("(?:{rest}).*"));
+        }
+        if let Some(rest) = end {
+            alts.push(format!(".*(?:{rest})"));
+        }
+        if let Some(both) = start.and_then(|s| s.strip_suffix(NON_LETTER)) {
+            alts.push(format!("(?:{both})"));
+        }
+    }
+    (!alts.is_empty()).then(|| format!("(?is)(?:{})", alts.join("|")))
+}
+
 /// The Lark text of a policy (see the module doc).
 fn policy_lark(p: &PolicyGrammar, limits: &GuardLimits) -> Result<String, GuardError> {
     if p.refusal.trim().is_empty() {
@@ -402,12 +429,20 @@ fn policy_lark(p: &PolicyGrammar, limits: &GuardLimits) -> Result<String, GuardE
     if let Some(m) = checker.as_ref().and_then(|c| c.find(&p.refusal)) {
         return Err(GuardError::Policy(format!("the refusal text contains a forbidden phrase (\"{}\")", m.as_str())));
     }
-    let not_forbidden = if forbidden.is_some() { " & ~FORBIDDEN" } else { "" };
+    let edges = edge_variants(p);
+    let not_forbidden = match (forbidden.is_some(), edges.is_some()) {
+        (true, true) => " & ~FORBIDDEN & ~FORBIDDEN_EDGE",
+        (true, false) => " & ~FORBIDDEN",
+        _ => "",
+    };
 
     let mut g = String::new();
     g.push_str(&format!("REFUSAL: {}\n", lark_string(&p.refusal)));
     if let Some(rx) = &forbidden {
         g.push_str(&format!("FORBIDDEN: /{}/\n", llguidance::regex_to_lark(&contains(rx), "")));
+    }
+    if let Some(rx) = &edges {
+        g.push_str(&format!("FORBIDDEN_EDGE: /{}/\n", llguidance::regex_to_lark(rx, "")));
     }
     match &p.quote_sources {
         None => {

@@ -169,7 +169,7 @@ pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
             info.grammar_hash = Some(guard.hash().to_string());
             info.constrained_by = policy.pack.forbidden.iter().map(|r| r.id.clone()).collect();
             info.constrained_by.push("citations".into());
-            valid.job.guard = Some(JobGuard(guard.matcher()));
+            valid.job.guard = Some(JobGuard(Box::new(guard.matcher())));
             grounding.guard = Some(info);
         }
         ChatPlan::Refuse { grounding, .. } => grounding.guard = Some(info),

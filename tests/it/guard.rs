@@ -525,3 +525,24 @@ fn gemma3_tokenizer_blocks_phrases_too() {
     assert!(m.is_accepting());
 }
 
+
+/// A whole-word pattern (`[^a-z]word[^a-z]`) also holds at the very start and end of the answer,
+/// where there is no neighbouring character; the word inside another word stays allowed.
+#[test]
+fn whole_word_patterns_hold_at_the_edges_of_the_answer() {
+    use helpline::guard::grammar::{Constraint, Forbidden, PolicyGrammar};
+    let g = PolicyGrammar { forbidden: vec![Forbidden::regex("c", "[^a-z]sage[^a-z]")], citations: 0, refusal: "No.".into(), quote_sources: None };
+    let compiled = crate::support::guard_compiler().compile(&Constraint::Policy(g)).unwrap();
+    let tok = &crate::support::smollm2_bundle().tokenizer;
+    // (text, every token accepted, may end there)
+    for (text, accepted, may_end) in
+        [("Sage is", false, false), ("a Sage is", false, false), ("message me", true, true), ("usage notes", true, true), ("try Sage", true, false)]
+    {
+        let mut m = compiled.matcher();
+        let all = tok.encode(text, false).unwrap().into_iter().all(|id| m.accept(id).is_ok());
+        assert_eq!(all, accepted, "{text:?}");
+        if all {
+            assert_eq!(m.is_accepting(), may_end, "{text:?}");
+        }
+    }
+}

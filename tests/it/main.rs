@@ -18,3 +18,4 @@ mod web_chat;
 mod retrieval;
 mod guard;
 mod policy;
+mod redteam;
