@@ -65,6 +65,8 @@ pub struct GroundingConfig {
     pub handoff_message: String,
     /// The policy pack (forbidden commitments, escalation triggers, out-of-scope topics).
     pub policy_file: PathBuf,
+    /// Answer grounded chat in quote mode unless a request says otherwise.
+    pub quote_mode: bool,
 }
 
 impl Default for GroundingConfig {
@@ -85,6 +87,7 @@ impl Default for GroundingConfig {
                               our team answers within one business day."
                 .into(),
             policy_file: PathBuf::from("docs-corpus/policy.toml"),
+            quote_mode: false,
         }
     }
 }
@@ -206,6 +209,10 @@ pub struct ServeArgs {
     /// The policy pack TOML (default docs-corpus/policy.toml); validated at start-up and on reload.
     #[arg(long, value_name = "FILE")]
     pub policy_file: Option<PathBuf>,
+    /// `true`: grounded answers quote the docs verbatim (each sentence copied from a passage) unless a
+    /// request says otherwise (default false).
+    #[arg(long, value_name = "BOOL")]
+    pub quote_mode: Option<bool>,
 }
 
 /// Where a setting's value came from; errors name it.
@@ -274,6 +281,7 @@ pub const SETTINGS: &[&str] = &[
     "refusal_message",
     "handoff_message",
     "policy_file",
+    "quote_mode",
 ];
 
 /// The environment variable for a setting: `HELPLINE_` + its name in upper case.
@@ -379,6 +387,7 @@ pub fn load_with_env(
         refusal_message: r.text("refusal_message", 2000)?.unwrap_or(g.refusal_message),
         handoff_message: r.text("handoff_message", 2000)?.unwrap_or(g.handoff_message),
         policy_file: path("policy_file")?.unwrap_or(g.policy_file),
+        quote_mode: r.bool("quote_mode")?.unwrap_or(g.quote_mode),
     };
 
     Ok(ServeConfig {
@@ -481,6 +490,7 @@ impl Resolver<'_> {
             "refusal_message" => a.refusal_message.clone().map(Raw::Text),
             "handoff_message" => a.handoff_message.clone().map(Raw::Text),
             "policy_file" => a.policy_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "quote_mode" => a.quote_mode.map(|b| Raw::Text(b.to_string())),
             _ => None,
         }
     }

@@ -45,9 +45,9 @@
 //!   contain the refusal's words when they are valid free text). The refusal itself must not
 //!   contain a forbidden phrase (checked at compile time).
 //! - Quote mode ([`PolicyGrammar::quote_sources`]): the answer is a sequence of
-//!   `"<sentence copied verbatim from passage i>" [i]` items with optional short connective text
-//!   (at most 8 words, 80 characters, no quotes or brackets, no forbidden phrase) before, between
-//!   and after them. Sentences that contain a forbidden phrase are left out.
+//!   `"<sentence copied verbatim from passage i>" [i]` items with optional connective text from a
+//!   fixed list ([`QUOTE_CONNECTIVES`]: "According to our help center, ", " Also, ", line breaks,
+//!   ...) before, between and after them. Sentences that contain a forbidden phrase are left out.
 //!
 //! End of generation: the matcher allows the tokenizer's end-of-generation ids (eos, eot, the
 //! template's end-of-turn) only when the grammar accepts.
@@ -122,6 +122,10 @@ impl Default for GuardLimits {
                 verbose_errors: false,
                 step_lexer_fuel: 20_000_000,
                 initial_lexer_fuel: 20_000_000,
+                // Precomputing large lexemes against the whole vocabulary ran out of fuel on quote-mode
+                // grammars (every passage sentence is an alternative, intersected with the pack), and
+                // lazily built lexer states measured no slower on the answer grammar.
+                precompute_large_lexemes: false,
                 ..ParserLimits::default()
             },
         }
@@ -471,13 +475,31 @@ fn policy_lark(p: &PolicyGrammar, limits: &GuardLimits) -> Result<String, GuardE
             }
             g.insert_str(0, "start: quoted | REFUSAL\nquoted: (CONN? QUOTE)+ CONN?\n");
             g.push_str(&format!("QUOTE: {}\n", quotes.join("\n     | ")));
-            // At most 8 words and 80 characters, no quotes, brackets or invisible characters.
-            g.push_str(&format!("CONN: WORDS & /(?s:.){{1,80}}/{not_forbidden}\n"));
-            g.push_str("WORDS: /\\s*(?:[^\\s\"\\[\\]\\p{Cf}]+\\s*){1,8}/\n");
+            // Connective text comes from a fixed list: free text intersected with a real pack's
+            // forbidden phrases made the quote grammar's lexer too large to build on every request.
+            let conns: Vec<String> = QUOTE_CONNECTIVES.iter().map(|c| lark_string(c)).collect();
+            g.push_str(&format!("CONN: {}\n", conns.join(" | ")));
         }
     }
     Ok(g)
 }
+
+/// What quote mode allows between quotes (whitespace around quotes is part of these).
+pub const QUOTE_CONNECTIVES: &[&str] = &[
+    " ",
+    "\n",
+    "\n\n",
+    "\n- ",
+    "- ",
+    "According to our help center, ",
+    "Our help center says: ",
+    "Here is what applies: ",
+    " Also, ",
+    " In addition, ",
+    " Note: ",
+    "Yes. ",
+    "No. ",
+];
 
 /// A Lark string literal (Lark strings are JSON strings).
 fn lark_string(s: &str) -> String {
@@ -485,6 +507,10 @@ fn lark_string(s: &str) -> String {
 }
 
 /// Sentences of a passage: split after `.`, `!` or `?` followed by whitespace; trimmed.
+/// Fewest words a quotable sentence has.
+const MIN_SENTENCE_WORDS: usize = 3;
+
+/// A fragment shorter than [`MIN_SENTENCE_WORDS`] (a list number like "1.", "e.g.") joins the next.
 fn sentences(passage: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut start = 0;
@@ -492,10 +518,10 @@ fn sentences(passage: &str) -> Vec<&str> {
     for (i, c) in passage.char_indices() {
         if prev_end && c.is_whitespace() {
             let s = passage[start..i].trim();
-            if !s.is_empty() {
+            if s.split_whitespace().count() >= MIN_SENTENCE_WORDS {
                 out.push(s);
+                start = i;
             }
-            start = i;
         }
         prev_end = matches!(c, '.' | '!' | '?');
     }
@@ -703,7 +729,8 @@ mod tests {
 
     #[test]
     fn sentences_split_after_terminal_punctuation() {
-        assert_eq!(sentences("One. Two!  Three? v1.2 stays\nFour"), vec!["One.", "Two!", "Three?", "v1.2 stays\nFour"]);
+        assert_eq!(sentences("One. Two!  Three? v1.2 stays\nFour"), vec!["One. Two!  Three?", "v1.2 stays\nFour"]);
+        assert_eq!(sentences("1. Go to the sign-in page. 2. Enter your email here."), vec!["1. Go to the sign-in page.", "2. Enter your email here."]);
         assert!(sentences("  ").is_empty());
     }
 

@@ -41,8 +41,24 @@ impl ActivePolicy {
         if let Some(g) = cache.get(&citations) {
             return Ok(g.clone());
         }
-        let forbidden = self
-            .pack
+        let spec = grammar::PolicyGrammar { forbidden: self.forbidden(), citations, refusal: self.pack.messages.refusal.clone(), quote_sources: None };
+        let compiled = compiler.compile(&grammar::Constraint::Policy(spec))?;
+        cache.insert(citations, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// The pack's grammar in quote mode: the answer's sentences are copied verbatim from `passages`
+    /// (each followed by its marker), with short connective text between them, so the model cannot
+    /// state what the passages do not say. Compiled per answer (the passages differ every time).
+    pub fn quote_grammar(&self, compiler: &grammar::GuardCompiler, passages: Vec<String>) -> Result<grammar::CompiledGuard, grammar::GuardError> {
+        let citations = passages.len();
+        let spec =
+            grammar::PolicyGrammar { forbidden: self.forbidden(), citations, refusal: self.pack.messages.refusal.clone(), quote_sources: Some(passages) };
+        compiler.compile(&grammar::Constraint::Policy(spec))
+    }
+
+    fn forbidden(&self) -> Vec<grammar::Forbidden> {
+        self.pack
             .forbidden
             .iter()
             .flat_map(|r| {
@@ -50,10 +66,6 @@ impl ActivePolicy {
                 let patterns = r.patterns.iter().map(move |p| grammar::Forbidden::regex(&r.id, p));
                 phrases.chain(patterns)
             })
-            .collect();
-        let spec = grammar::PolicyGrammar { forbidden, citations, refusal: self.pack.messages.refusal.clone(), quote_sources: None };
-        let compiled = compiler.compile(&grammar::Constraint::Policy(spec))?;
-        cache.insert(citations, compiled.clone());
-        Ok(compiled)
+            .collect()
     }
 }

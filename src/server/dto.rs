@@ -141,6 +141,10 @@ pub struct HelplineSampling {
     pub grounding: Option<bool>,
     /// Chat only, with grounding: restrict which articles may be retrieved.
     pub filters: Option<RetrieveFilters>,
+    /// Chat only, with grounding: quote mode (default: the server's `quote_mode`). The answer's
+    /// sentences are copied verbatim from the retrieved passages, each followed by its marker, with
+    /// at most 8 words of connective text between quotes.
+    pub quote: Option<bool>,
 }
 
 /// Restrictions on retrieval. Draft and retired articles are never retrieved, whatever the filters.
@@ -447,7 +451,7 @@ pub struct GuardInfo {
     /// The `version` of the policy pack in force.
     pub policy_version: String,
     /// What the policy did: `handoff` (an escalation trigger fired), `refusal` (an out-of-scope
-    /// topic), or `none` (the answer went ahead).
+    /// topic, or the model took the grammar's refusal branch), or `none` (the answer went ahead).
     pub action: GuardAction,
     /// Rules that fired on this turn, by id.
     pub rules: Vec<String>,
@@ -460,6 +464,9 @@ pub struct GuardInfo {
     pub grammar_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub constrained_by: Vec<String>,
+    /// Whether the answer was generated in quote mode.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quote_mode: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -11,7 +11,6 @@ use super::validate::{self, ValidChat, ValidGeneration};
 use super::AppState;
 use crate::guard::escalation::Turn;
 use crate::engine::JobGuard;
-use crate::guard::grammar::CompiledGuard;
 use crate::guard::ActivePolicy;
 use crate::prompt::{self, Budget, CitationFilter};
 use crate::retrieval::{self, Passage, RetrievalError};
@@ -37,6 +36,9 @@ pub struct GroundingCtx {
     pub given: Vec<Passage>,
     /// What the policy pack did on this turn.
     pub guard: Option<GuardInfo>,
+    /// The grammar's refusal branch, when the answer was generated under the pack: an answer that is
+    /// exactly this text is reported as a policy refusal.
+    pub refusal_text: Option<String>,
 }
 
 /// The end of a grounded answer: the report, the citations, and text to append to the answer
@@ -46,6 +48,9 @@ pub struct Closing {
     pub info: GroundingInfo,
     pub citations: Option<Vec<PassageOut>>,
     pub suffix: String,
+    pub guard: Option<GuardInfo>,
+    /// The model took the grammar's refusal branch: the answer ends with `content_filter`.
+    pub refused: bool,
 }
 
 impl GroundingCtx {
@@ -65,6 +70,7 @@ impl GroundingCtx {
             handoff: None,
             given: Vec::new(),
             guard: None,
+            refusal_text: None,
         }
     }
 
@@ -84,9 +90,19 @@ impl GroundingCtx {
     /// `grounding.support` shows how little of it the passages hold.
     pub fn close(&self, filter: Option<&CitationFilter>, answer: &str) -> Closing {
         let mut info = self.info.clone();
+        let refused = self.refusal_text.as_deref().is_some_and(|r| !answer.trim().is_empty() && r.trim() == answer.trim());
+        if refused {
+            let guard = self.guard.clone().map(|g| GuardInfo {
+                action: GuardAction::Refusal,
+                reason: Some("policy_refusal".into()),
+                rules: vec!["refusal-branch".into()],
+                ..g
+            });
+            return Closing { info, citations: Some(Vec::new()), suffix: String::new(), guard, refused };
+        }
         let Some(f) = filter.filter(|_| self.info.status == GroundingStatus::Grounded) else {
             let citations = matches!(self.info.status, GroundingStatus::Grounded | GroundingStatus::NoRelevantDocs).then(Vec::new);
-            return Closing { info, citations, suffix: String::new() };
+            return Closing { info, citations, suffix: String::new(), guard: self.guard.clone(), refused };
         };
         info.invalid_citations = f.invalid();
         let (overall, each) = prompt::support(answer, &self.given);
@@ -106,7 +122,7 @@ impl GroundingCtx {
                 p
             })
             .collect();
-        Closing { info, citations: Some(citations), suffix }
+        Closing { info, citations: Some(citations), suffix, guard: self.guard.clone(), refused }
     }
 
     pub fn status_label(&self) -> &'static str {
@@ -154,6 +170,7 @@ pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
     if let Some(answer) = policy_answer(state, &policy, &chat) {
         return Ok(answer);
     }
+    let quote = chat.quote;
     let mut plan = plan_grounded(state, chat)?;
     let mut info = GuardInfo {
         policy_version: policy.pack.version.clone(),
@@ -162,10 +179,22 @@ pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
         reason: None,
         grammar_hash: None,
         constrained_by: Vec::new(),
+        quote_mode: false,
     };
     match &mut plan {
         ChatPlan::Generate { valid, grounding } => {
-            let guard = policy_guard(state, &policy, grounding.info.passages.len())?;
+            let loaded = state.loaded()?;
+            let quoting = quote && grounding.info.status == GroundingStatus::Grounded;
+            let compiled = if quoting {
+                let passages = grounding.given.iter().map(|p| p.text.clone()).collect();
+                policy.quote_grammar(&loaded.guard, passages)
+            } else {
+                policy.answer_grammar(&loaded.guard, grounding.info.passages.len())
+            };
+            // Fail closed: a grammar that does not compile is a 500, never an unconstrained answer.
+            let guard = compiled.map_err(|e| ApiError::internal(format!("the policy grammar does not compile: {e}")))?;
+            info.quote_mode = quoting;
+            grounding.refusal_text = Some(policy.pack.messages.refusal.clone());
             info.grammar_hash = Some(guard.hash().to_string());
             info.constrained_by = policy.pack.forbidden.iter().map(|r| r.id.clone()).collect();
             info.constrained_by.push("citations".into());
@@ -175,13 +204,6 @@ pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
         ChatPlan::Refuse { grounding, .. } => grounding.guard = Some(info),
     }
     Ok(plan)
-}
-
-/// The pack's grammar for one answer (see [`ActivePolicy::answer_grammar`]). Fails closed: a
-/// grammar that does not compile is a 500, never an unconstrained answer.
-fn policy_guard(state: &AppState, policy: &ActivePolicy, citations: usize) -> Result<CompiledGuard, ApiError> {
-    let loaded = state.loaded()?;
-    policy.answer_grammar(&loaded.guard, citations).map_err(|e| ApiError::internal(format!("the policy grammar does not compile: {e}")))
 }
 
 /// The policy pack's own answer to the turn, if it has one: a handoff when an escalation trigger
@@ -218,6 +240,7 @@ fn policy_answer(state: &AppState, policy: &ActivePolicy, chat: &ValidChat) -> O
         reason: Some(fired.reason),
         grammar_hash: None,
         constrained_by: Vec::new(),
+        quote_mode: false,
     });
     Some(ChatPlan::Refuse { text, grounding: ctx, stream: chat.sampling.stream, include_usage: chat.sampling.include_usage, finish })
 }
@@ -275,7 +298,7 @@ fn plan_grounded(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError
         let handoff = HandoffInfo { offered: true, reason: "no_relevant_docs".into(), message: g.handoff_message.clone() };
         return Ok(ChatPlan::Refuse {
             text: g.refusal_message.clone(),
-            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None },
+            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None, refusal_text: None },
             stream: chat.sampling.stream,
             include_usage: chat.sampling.include_usage,
             finish: FinishReason::Stop,
@@ -296,7 +319,7 @@ fn plan_grounded(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError
         let handoff = HandoffInfo { offered: true, reason: "passages_over_budget".into(), message: g.handoff_message.clone() };
         return Ok(ChatPlan::Refuse {
             text: g.refusal_message.clone(),
-            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None },
+            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None, refusal_text: None },
             stream: chat.sampling.stream,
             include_usage: chat.sampling.include_usage,
             finish: FinishReason::Stop,
@@ -311,5 +334,39 @@ fn plan_grounded(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError
     info.budget.history_tokens_used = built.history_tokens;
     let valid = validate::chat_generation(&built.messages, chat.sampling, cfg, loaded)?;
     state.metrics.grounding("grounded");
-    Ok(ChatPlan::Generate { valid, grounding: GroundingCtx { info, handoff: None, given: built.given, guard: None } })
+    Ok(ChatPlan::Generate { valid, grounding: GroundingCtx { info, handoff: None, given: built.given, guard: None, refusal_text: None } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guarded(refusal: &str) -> GroundingCtx {
+        let mut ctx = GroundingCtx::off();
+        ctx.guard = Some(GuardInfo {
+            policy_version: "v".into(),
+            action: GuardAction::None,
+            rules: Vec::new(),
+            reason: None,
+            grammar_hash: Some("h".into()),
+            constrained_by: vec!["x".into()],
+            quote_mode: false,
+        });
+        ctx.refusal_text = Some(refusal.into());
+        ctx
+    }
+
+    #[test]
+    fn an_answer_that_is_the_refusal_branch_is_reported_as_a_policy_refusal() {
+        let ctx = guarded("I can't help with that.");
+        let c = ctx.close(None, " I can't help with that.\n");
+        assert!(c.refused);
+        let g = c.guard.unwrap();
+        assert_eq!(g.action, GuardAction::Refusal);
+        assert_eq!(g.reason.as_deref(), Some("policy_refusal"));
+        let c = ctx.close(None, "Sure, here is how.");
+        assert!(!c.refused);
+        assert_eq!(c.guard.unwrap().action, GuardAction::None);
+        assert!(!ctx.close(None, "").refused, "an empty answer is not a refusal");
+    }
 }

@@ -311,10 +311,15 @@ async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor, gr
                     tracker.on_citations(f);
                 }
                 let closing = meta.close(citations.as_ref(), &text);
+                let mut reason: super::dto::FinishReason = reason.into();
                 if let Some(c) = &closing {
                     text.push_str(&c.suffix);
+                    if c.refused {
+                        // The model took the policy grammar's refusal branch.
+                        reason = super::dto::FinishReason::ContentFilter;
+                    }
                 }
-                let body = meta.whole(text, reason.into(), tracker.tokens(), &timings, closing);
+                let body = meta.whole(text, reason, tracker.tokens(), &timings, closing);
                 let mut resp = body.into_response();
                 resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 return Ok(resp);

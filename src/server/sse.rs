@@ -114,7 +114,7 @@ impl Meta {
             Some(g) => {
                 let closing = closing.unwrap_or_else(|| g.close(None, ""));
                 let grounding = (closing.info.status != GroundingStatus::Skipped).then_some(closing.info);
-                HelplineInfo { timings, grounding, citations: closing.citations, handoff: g.handoff.clone(), guard: g.guard.clone() }
+                HelplineInfo { timings, grounding, citations: closing.citations, handoff: g.handoff.clone(), guard: closing.guard }
             }
         }
     }
@@ -182,6 +182,12 @@ impl Meta {
             Flavor::Chat => json_event(&self.chat_chunk(vec![chat_choice(ChatDelta::default(), Some(reason))], None, helpline)),
             Flavor::Text => json_event(&self.text_chunk(vec![text_choice(String::new(), Some(reason))], None, helpline)),
         }
+    }
+
+    /// The refusal text as its own delta (OpenAI's `delta.refusal`), after it was streamed as content.
+    fn refusal(&self, text: String) -> SseEvent {
+        let delta = ChatDelta { role: None, content: None, refusal: Some(text) };
+        json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None))
     }
 
     fn usage(&self, usage: Usage) -> SseEvent {
@@ -287,7 +293,7 @@ struct StreamState {
     pending: VecDeque<SseEvent>,
     /// Grounded answers: removes citation markers that name no given passage before they are sent.
     citations: Option<CitationFilter>,
-    /// Grounded answers: the text sent so far, for the closing report.
+    /// The text sent so far, for the closing report (support, attribution, the refusal branch).
     answer: String,
 }
 
@@ -316,13 +322,10 @@ fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl St
                 Some(Event::Token { text, .. }) => {
                     s.tracker.on_token();
                     let text = match s.citations.as_mut() {
-                        Some(f) => {
-                            let t = f.push(&text);
-                            s.answer.push_str(&t);
-                            t
-                        }
+                        Some(f) => f.push(&text),
                         None => text,
                     };
+                    s.answer.push_str(&text);
                     if !text.is_empty() {
                         s.pending.push_back(s.meta.content(text));
                     }
@@ -334,19 +337,27 @@ fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl St
                             let mut t = f.push(&text);
                             t.push_str(&f.finish());
                             s.tracker.on_citations(f);
-                            s.answer.push_str(&t);
                             t
                         }
                         None => text,
                     };
+                    s.answer.push_str(&text);
                     let closing = s.meta.close(s.citations.as_ref(), &s.answer);
+                    let mut reason: FinishReason = reason.into();
                     if let Some(c) = &closing {
                         text.push_str(&c.suffix);
+                        if c.refused {
+                            // The model took the policy grammar's refusal branch.
+                            reason = FinishReason::ContentFilter;
+                        }
                     }
                     if !text.is_empty() {
                         s.pending.push_back(s.meta.content(text));
                     }
-                    s.pending.push_back(s.meta.finish(reason.into(), &timings, closing));
+                    if reason == FinishReason::ContentFilter {
+                        s.pending.push_back(s.meta.refusal(s.answer.clone()));
+                    }
+                    s.pending.push_back(s.meta.finish(reason, &timings, closing));
                     if s.meta.include_usage {
                         s.pending.push_back(s.meta.usage(Usage::new(s.meta.prompt_tokens, s.tracker.tokens())));
                     }

@@ -45,6 +45,8 @@ pub struct ValidChat {
     pub messages: Vec<ChatMessage>,
     /// `Some(filters)` when the answer is to be grounded in the documentation.
     pub grounding: Option<Filters>,
+    /// Quote mode (grounded answers only).
+    pub quote: bool,
 }
 
 /// `POST /v1/chat/completions`: model, sampling, messages and the grounding choice.
@@ -54,6 +56,13 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> 
     let messages = chat_messages(req.messages.as_deref().unwrap_or_default())?;
     let ext = req.helpline.clone().unwrap_or_default();
     let grounded = ext.grounding.unwrap_or(cfg.grounding.enabled);
+    let quote = match ext.quote {
+        Some(true) if !grounded => {
+            return Err(ApiError::invalid_field("helpline.quote", "`helpline.quote` needs grounding on: quotes come from the retrieved passages"))
+        }
+        Some(q) => q,
+        None => grounded && cfg.grounding.quote_mode,
+    };
     let grounding = if grounded {
         if messages.last().map(|m| m.role.as_str()) != Some("user") {
             return Err(ApiError::invalid_field(
@@ -69,7 +78,7 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> 
         }
         None
     };
-    Ok(ValidChat { sampling, messages, grounding })
+    Ok(ValidChat { sampling, messages, grounding, quote })
 }
 
 /// Renders chat messages with the model's template and fits the prompt to the context.
@@ -151,8 +160,14 @@ pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -
     }
     let sampling = sampling(&req.sampling(), cfg)?;
     let ext = req.helpline.clone().unwrap_or_default();
-    if ext.grounding == Some(true) || ext.filters.is_some() {
-        let field = if ext.filters.is_some() { "helpline.filters" } else { "helpline.grounding" };
+    if ext.grounding == Some(true) || ext.filters.is_some() || ext.quote.is_some() {
+        let field = if ext.filters.is_some() {
+            "helpline.filters"
+        } else if ext.quote.is_some() {
+            "helpline.quote"
+        } else {
+            "helpline.grounding"
+        };
         return Err(ApiError::invalid_field(field, format!("`{field}` applies to chat completions only; text completions are never grounded")));
     }
     let prompt = match &req.prompt {

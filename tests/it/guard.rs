@@ -378,7 +378,7 @@ fn quote_mode_allows_verbatim_sentences_with_their_marker_only() {
     let p = PolicyGrammar { quote_sources: Some(passages), ..policy(2) };
     let guard = smollm2_compiler().compile(&Constraint::Policy(p)).unwrap();
     assert!(!guard.grammar_text().contains("We guarantee nothing"), "a sentence with a forbidden phrase is not quotable");
-    let good = "As the docs say, \"Refunds go back to the original payment method.\" [1] and \"Downgrades take effect at the end of the current billing period.\" [2]";
+    let good = "According to our help center, \"Refunds go back to the original payment method.\" [1] Also, \"Downgrades take effect at the end of the current billing period.\" [2]";
     let mut m = guard.matcher();
     for id in tok.encode(good, false).unwrap() {
         assert!(!is_masked(&mut m, tok.vocab_size(), id), "{good:?}");
@@ -387,13 +387,13 @@ fn quote_mode_allows_verbatim_sentences_with_their_marker_only() {
     assert!(m.is_accepting());
     let sp = spellings();
     let fresh = guard.matcher();
-    // Altered quote, wrong marker, too many words between quotes, the forbidden sentence.
+    // Altered quote, wrong marker, connective text not in the list, the forbidden sentence.
     let altered = "\"Refunds go back to your card";
     assert_blocked(&fresh, tok, sp, altered, altered.find("your").unwrap());
     let wrong = "\"They take 5 to 10 business days.\" [2]";
     assert_blocked(&fresh, tok, sp, wrong, wrong.len() - 2);
-    let chatty = "one two three four five six seven eight nine";
-    assert_blocked(&fresh, tok, sp, chatty, chatty.find("nine").unwrap());
+    let chatty = "As the docs say, ";
+    assert_blocked(&fresh, tok, sp, chatty, 1);
     let forbidden = "\"Downgrades take effect at the end of the current billing period. We";
     assert_blocked(&fresh, tok, sp, forbidden, forbidden.find(". We").unwrap() + 1);
 }
@@ -546,3 +546,4 @@ fn whole_word_patterns_hold_at_the_edges_of_the_answer() {
         }
     }
 }
+

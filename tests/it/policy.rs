@@ -209,3 +209,68 @@ async fn a_forbidden_commitment_cannot_be_generated_even_when_the_model_would() 
     let masks = metrics.lines().find(|l| l.starts_with("helpline_guard_masks_total ")).unwrap();
     assert!(masks.rsplit(' ').next().unwrap().parse::<u64>().unwrap() > 0, "{masks}");
 }
+
+/// Every `"sentence" [i]` quote of a quote-mode answer, as (sentence, passage number).
+fn quotes(text: &str) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('"') {
+        let after = &rest[start + 1..];
+        let Some(end) = after.find("\" [") else { break };
+        let sentence = after[..end].to_string();
+        let tail = &after[end + 3..];
+        let close = tail.find(']').unwrap();
+        out.push((sentence, tail[..close].parse().unwrap()));
+        rest = &tail[close + 1..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn quote_mode_answers_only_with_sentences_copied_from_the_passages() {
+    let server = start_grounded_server(ServeConfig::default()).await;
+    for question in ["Can I get a refund on my annual plan?", "How do I reset my password?", "What are the API rate limits?"] {
+        let body = json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 120,
+                          "helpline": {"quote": true}});
+        let (content, finish, _, h) = answer(&server, &body).await;
+        assert_eq!(h["guard"]["quote_mode"], true, "{h}");
+        assert_eq!(h["grounding"]["status"], "grounded");
+        let given: Vec<String> = h["grounding"]["passages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| server.state.knowledge().unwrap().passage(p["chunk_id"].as_str().unwrap()).unwrap().unwrap().text)
+            .collect();
+        let q = quotes(&content);
+        if finish == "length" && q.is_empty() {
+            panic!("no complete quote within the token limit: {content:?}");
+        }
+        assert!(!q.is_empty(), "{content:?}");
+        for (sentence, n) in &q {
+            assert!(*n >= 1 && *n <= given.len(), "[{n}] with {} passages", given.len());
+            assert!(given[n - 1].contains(sentence.as_str()), "quoted {sentence:?} is not in passage {n}: {:?}", given[n - 1]);
+        }
+        // Text outside the quotes is connective text from the fixed list.
+        let mut outside = content.clone();
+        for (sentence, n) in &q {
+            outside = outside.replacen(&format!("\"{sentence}\" [{n}]"), "\u{1}", 1);
+        }
+        let mut pieces: Vec<&str> = outside.split('\u{1}').filter(|p| !p.is_empty()).collect();
+        if finish == "length" {
+            pieces.pop(); // the answer was cut mid-item
+        }
+        for piece in pieces {
+            assert!(helpline::guard::grammar::QUOTE_CONNECTIVES.contains(&piece), "{piece:?} in {content:?}");
+        }
+        let cited: Vec<&str> = h["citations"].as_array().unwrap().iter().map(|c| c["cited_by"].as_str().unwrap()).collect();
+        assert!(!cited.is_empty() && cited.iter().all(|c| *c == "model"), "{h}");
+    }
+    // Quote mode needs passages.
+    let resp = server
+        .post_json("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "helpline": {"quote": true, "grounding": false}}))
+        .await;
+    assert_eq!(resp.status, 422);
+    assert_eq!(resp.json()["error"]["param"], "helpline.quote");
+    let resp = server.post_json("/v1/completions", &json!({"prompt": "hi", "helpline": {"quote": true}})).await;
+    assert_eq!(resp.json()["error"]["param"], "helpline.quote");
+}
