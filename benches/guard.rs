@@ -106,8 +106,23 @@ fn main() {
     println!("mask = compute the allowed set and write -inf into a {}-float logits vector; answers forced token by token, {ROUNDS} rounds", tok.vocab_size());
     println!();
     println!("{:<34} {:>10} {:>7} {:>10} {:>10} {:>10} {:>10}", "constraint", "compile ms", "masks", "mean us", "p50 us", "p99 us", "max us");
+    // The shipped pack, as the server compiles it (every phrase and pattern of its forbidden rules).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pack = helpline::guard::policy::PolicyPack::load(&root.join("docs-corpus/policy.toml")).expect("shipped pack");
+    let shipped = PolicyGrammar {
+        forbidden: pack
+            .forbidden
+            .iter()
+            .flat_map(|r| r.phrases.iter().map(|p| Forbidden::phrase(&r.id, p)).chain(r.patterns.iter().map(|p| Forbidden::regex(&r.id, p))))
+            .collect(),
+        citations: 5,
+        refusal: pack.messages.refusal.clone(),
+        quote_sources: None,
+    };
+    let shipped_name = format!("shipped pack ({} phrases)", shipped.forbidden.len());
     for (name, constraint, texts) in [
         ("policy (8 rules, [1]..[5])", Constraint::Policy(policy), ANSWERS),
+        (shipped_name.as_str(), Constraint::Policy(shipped), ANSWERS),
         ("json_schema (4 fields)", Constraint::JsonSchema { schema, strict: true }, JSONS),
         ("json_object", Constraint::JsonObject, JSONS),
     ] {
