@@ -20,16 +20,22 @@ pub const MAX_RULES: usize = 500;
 /// Longest message (refusal, handoff, out-of-scope reply), in characters.
 pub const MAX_MESSAGE_CHARS: usize = 2000;
 
-/// A validated policy pack.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A policy pack, as the file gives it; only [`PolicyPack::parse`] and [`PolicyPack::load`] make
+/// one, and they validate it first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PolicyPack {
     /// Reported with every guarded answer (`helpline.guard.policy_version`).
     pub version: String,
     pub name: String,
     pub messages: Messages,
+    #[serde(default)]
     pub forbidden: Vec<PhraseRule>,
+    #[serde(default)]
     pub bounds: Vec<BoundRule>,
+    #[serde(default)]
     pub out_of_scope: Vec<TopicRule>,
+    #[serde(default)]
     pub escalation: Vec<EscalationRule>,
     pub repeated_failure: Option<RepeatedFailure>,
 }
@@ -115,24 +121,6 @@ pub struct RepeatedFailure {
     pub phrases: Vec<String>,
 }
 
-/// The file as written, before validation.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPack {
-    version: String,
-    name: String,
-    messages: Messages,
-    #[serde(default)]
-    forbidden: Vec<PhraseRule>,
-    #[serde(default)]
-    bounds: Vec<BoundRule>,
-    #[serde(default)]
-    out_of_scope: Vec<TopicRule>,
-    #[serde(default)]
-    escalation: Vec<EscalationRule>,
-    repeated_failure: Option<RepeatedFailure>,
-}
-
 /// Why a pack was refused: the rule (or setting) at fault and what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid policy pack{}: {}: {message}", source_name.as_deref().map(|s| format!(" {s}")).unwrap_or_default(), at)]
@@ -163,17 +151,8 @@ impl PolicyPack {
 
     /// Parses and validates pack text. Every rule is checked; the first problem is returned.
     pub fn parse(text: &str) -> Result<PolicyPack, PolicyError> {
-        let raw: RawPack = toml::from_str(text).map_err(|e| PolicyError::new("the file", format!("not a valid policy pack: {}", e.message())))?;
-        let pack = PolicyPack {
-            version: raw.version,
-            name: raw.name,
-            messages: raw.messages,
-            forbidden: raw.forbidden,
-            bounds: raw.bounds,
-            out_of_scope: raw.out_of_scope,
-            escalation: raw.escalation,
-            repeated_failure: raw.repeated_failure,
-        };
+        let pack: PolicyPack =
+            toml::from_str(text).map_err(|e| PolicyError::new("the file", format!("not a valid policy pack: {}", e.message())))?;
         pack.validate()?;
         Ok(pack)
     }

@@ -178,16 +178,8 @@ impl KnowledgeBase {
             return Ok(false);
         }
         let searcher = self.inner.reader.searcher();
-        let f = &self.inner.fields;
         for t in own {
-            let mut known = false;
-            for field in [f.title, f.section, f.text] {
-                if searcher.doc_freq(&Term::from_field_text(field, &t.text)).map_err(tantivy_err)? > 0 {
-                    known = true;
-                    break;
-                }
-            }
-            if !known {
+            if self.doc_freq(&searcher, &t.text)? == 0 {
                 return Ok(false);
             }
         }
@@ -317,20 +309,12 @@ impl KnowledgeBase {
     /// or "langauge" still find their articles. Short words are left alone: too many words are
     /// one edit from a three-letter word.
     fn correct_typos(&self, searcher: &Searcher, terms: &mut Vec<WeightedTerm>) -> Result<(), RetrievalError> {
-        let f = &self.inner.fields;
         let mut snapshot = None;
         for t in terms.iter_mut() {
             if t.text.chars().count() < MIN_TYPO_CHARS {
                 continue;
             }
-            let mut known = false;
-            for field in [f.title, f.section, f.text] {
-                if searcher.doc_freq(&Term::from_field_text(field, &t.text)).map_err(tantivy_err)? > 0 {
-                    known = true;
-                    break;
-                }
-            }
-            if known {
+            if self.doc_freq(searcher, &t.text)? > 0 {
                 continue;
             }
             let snapshot = snapshot.get_or_insert_with(|| self.snapshot(searcher));
@@ -465,19 +449,25 @@ impl KnowledgeBase {
     /// (a word found only in titles is still a known word). Words absent from the corpus get the
     /// highest idf, which is what makes off-topic questions cover little of their query.
     fn idf(&self, searcher: &Searcher, terms: &[WeightedTerm]) -> Result<Vec<f32>, RetrievalError> {
-        let f = &self.inner.fields;
         let n = searcher.num_docs() as f32;
         terms
             .iter()
             .map(|t| {
-                let mut df = 0u64;
-                for field in [f.title, f.section, f.text] {
-                    df = df.max(searcher.doc_freq(&Term::from_field_text(field, &t.text)).map_err(tantivy_err)?);
-                }
-                let df = df as f32;
+                let df = self.doc_freq(searcher, &t.text)? as f32;
                 Ok((1.0 + (n - df + 0.5) / (df + 0.5)).ln())
             })
             .collect()
+    }
+
+    /// How many chunks hold an analyzed term, in the searchable field where it is most common
+    /// (0: the index does not know the word).
+    fn doc_freq(&self, searcher: &Searcher, term: &str) -> Result<u64, RetrievalError> {
+        let f = &self.inner.fields;
+        let mut df = 0u64;
+        for field in [f.title, f.section, f.text] {
+            df = df.max(searcher.doc_freq(&Term::from_field_text(field, term)).map_err(tantivy_err)?);
+        }
+        Ok(df)
     }
 
     /// A stored document as a passage, or `None` when it is not an approved chunk (the second

@@ -292,17 +292,21 @@ fn plan_grounded(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError
         support: None,
     };
 
-    if !retrieval::is_relevant(&passages, g.min_relevance) {
+    // The turn is refused without the model: nothing relevant, or nothing that fits the budget.
+    let refuse = |mut info: GroundingInfo, reason: &str| {
         state.metrics.grounding("no_relevant_docs");
         info.status = GroundingStatus::NoRelevantDocs;
-        let handoff = HandoffInfo { offered: true, reason: "no_relevant_docs".into(), message: g.handoff_message.clone() };
-        return Ok(ChatPlan::Refuse {
+        let handoff = HandoffInfo { offered: true, reason: reason.into(), message: g.handoff_message.clone() };
+        ChatPlan::Refuse {
             text: g.refusal_message.clone(),
             grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None, refusal_text: None },
             stream: chat.sampling.stream,
             include_usage: chat.sampling.include_usage,
             finish: FinishReason::Stop,
-        });
+        }
+    };
+    if !retrieval::is_relevant(&passages, g.min_relevance) {
+        return Ok(refuse(info, "no_relevant_docs"));
     }
 
     let tok = &loaded.bundle.tokenizer;
@@ -313,17 +317,8 @@ fn plan_grounded(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError
     if built.given.is_empty() {
         // Every relevant passage is longer than the whole passage budget: answering without them
         // would be ungrounded, so this is a refusal too, with its own reason.
-        state.metrics.grounding("no_relevant_docs");
-        info.status = GroundingStatus::NoRelevantDocs;
         info.dropped.passages = built.dropped_passages.iter().map(|d| d.chunk_id.clone()).collect();
-        let handoff = HandoffInfo { offered: true, reason: "passages_over_budget".into(), message: g.handoff_message.clone() };
-        return Ok(ChatPlan::Refuse {
-            text: g.refusal_message.clone(),
-            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None, refusal_text: None },
-            stream: chat.sampling.stream,
-            include_usage: chat.sampling.include_usage,
-            finish: FinishReason::Stop,
-        });
+        return Ok(refuse(info, "passages_over_budget"));
     }
     info.passages = built.given.iter().enumerate().map(|(i, p)| passage_out(p, Some(i + 1), false)).collect();
     info.dropped = Dropped {
