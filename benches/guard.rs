@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use helpline::guard::grammar::{CompiledGuard, Constraint, Forbidden, GuardCompiler, PolicyGrammar};
+use helpline::guard::grammar::{CompiledGuard, Constraint, Forbidden, GuardCompiler, PolicyGrammar, Shape};
 use helpline::tokenizer::{ChatTemplate, Tokenizer};
 
 const ROUNDS: usize = 5;
@@ -88,7 +88,7 @@ fn main() {
         forbidden,
         citations: 5,
         refusal: "I can't answer that from the approved documentation, so I've passed your question to our support team.".into(),
-        quote_sources: None,
+        shape: Shape::Answer,
     };
     let schema = serde_json::json!({
         "type": "object",
@@ -117,7 +117,7 @@ fn main() {
             .collect(),
         citations: 5,
         refusal: pack.messages.refusal.clone(),
-        quote_sources: None,
+        shape: Shape::Answer,
     };
     let shipped_name = format!("shipped pack ({} phrases)", shipped.forbidden.len());
     for (name, constraint, texts) in [

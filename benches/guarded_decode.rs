@@ -30,7 +30,9 @@ fn main() {
     let compiler = GuardCompiler::new(&bundle.tokenizer).expect("guard compiler");
     let setup_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    let grammar = policy.answer_grammar(&compiler, 3).expect("pack grammar");
+    // Everything the pack enforces on an answer: the answer grammar and the bounds (two lexers,
+    // their masks computed in parallel).
+    let guard = policy.answer_guard(&compiler, 3).expect("pack grammar");
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let engine = Engine::start(&bundle.model, bundle.tokenizer.clone(), EngineConfig { max_active: 1, ..Default::default() }).expect("engine");
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| bundle.chat_prompt(&[ChatMessage::new("user", *p)]).unwrap()).collect();
@@ -44,7 +46,7 @@ fn main() {
                 max_tokens: TOKENS,
                 stop: vec![],
                 skip_special: true,
-                guard: guarded.then(|| JobGuard(Box::new(grammar.matcher()))),
+                guard: guarded.then(|| JobGuard(Box::new(guard.matcher.clone()))),
             };
             let (_, ids, _, timings) = collect(engine.submit(job).expect("submit")).expect("generation");
             tokens += ids.len();

@@ -38,6 +38,26 @@ pub struct ServeConfig {
     pub keep_alive: Duration,
     pub config_file: Option<PathBuf>,
     pub grounding: GroundingConfig,
+    pub grammar: GrammarLimits,
+}
+
+/// Bounds on the structured-output constraints clients send (`response_format`, `helpline.grammar`):
+/// past any of them the request is a 400 naming the bound.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrammarLimits {
+    /// Size of a schema (serialized), regex or Lark grammar, in bytes.
+    pub max_bytes: usize,
+    /// Nesting of JSON subschemas, or of brackets in a regex or Lark grammar.
+    pub max_depth: usize,
+    /// Time to compile one, including its first mask.
+    pub compile_budget: Duration,
+}
+
+impl Default for GrammarLimits {
+    fn default() -> Self {
+        let g = crate::guard::grammar::GuardLimits::default();
+        GrammarLimits { max_bytes: g.max_grammar_bytes, max_depth: g.max_depth, compile_budget: g.compile_budget }
+    }
 }
 
 /// Retrieval and grounded answers.
@@ -114,6 +134,7 @@ impl Default for ServeConfig {
             keep_alive: Duration::from_secs(5),
             config_file: None,
             grounding: GroundingConfig::default(),
+            grammar: GrammarLimits::default(),
         }
     }
 }
@@ -213,6 +234,15 @@ pub struct ServeArgs {
     /// request says otherwise (default false).
     #[arg(long, value_name = "BOOL")]
     pub quote_mode: Option<bool>,
+    /// Largest structured-output constraint (JSON schema, regex or Lark grammar) a request may send, in bytes (default 131072).
+    #[arg(long)]
+    pub max_grammar_bytes: Option<usize>,
+    /// Deepest nesting of a request's JSON schema or grammar (default 32).
+    #[arg(long)]
+    pub max_grammar_depth: Option<usize>,
+    /// Longest a request's structured-output constraint may take to compile, in milliseconds (default 500).
+    #[arg(long)]
+    pub grammar_compile_ms: Option<u64>,
 }
 
 /// Where a setting's value came from; errors name it.
@@ -282,6 +312,9 @@ pub const SETTINGS: &[&str] = &[
     "handoff_message",
     "policy_file",
     "quote_mode",
+    "max_grammar_bytes",
+    "max_grammar_depth",
+    "grammar_compile_ms",
 ];
 
 /// The environment variable for a setting: `HELPLINE_` + its name in upper case.
@@ -389,9 +422,16 @@ pub fn load_with_env(
         policy_file: path("policy_file")?.unwrap_or(g.policy_file),
         quote_mode: r.bool("quote_mode")?.unwrap_or(g.quote_mode),
     };
+    let gl = defaults.grammar.clone();
+    let grammar = GrammarLimits {
+        max_bytes: get("max_grammar_bytes", 64, 16 * MIB, gl.max_bytes)?,
+        max_depth: get("max_grammar_depth", 1, 256, gl.max_depth)?,
+        compile_budget: r.int("grammar_compile_ms", 1, 60_000)?.map(Duration::from_millis).unwrap_or(gl.compile_budget),
+    };
 
     Ok(ServeConfig {
         grounding,
+        grammar,
         model,
         model_id,
         host,
@@ -491,6 +531,9 @@ impl Resolver<'_> {
             "handoff_message" => a.handoff_message.clone().map(Raw::Text),
             "policy_file" => a.policy_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
             "quote_mode" => a.quote_mode.map(|b| Raw::Text(b.to_string())),
+            "max_grammar_bytes" => int(a.max_grammar_bytes.map(|v| v as u64)),
+            "max_grammar_depth" => int(a.max_grammar_depth.map(|v| v as u64)),
+            "grammar_compile_ms" => int(a.grammar_compile_ms),
             _ => None,
         }
     }

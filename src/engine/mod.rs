@@ -72,6 +72,9 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached, or the context is full.
     Length,
+    /// The output constraints (a client's structured output and the policy pack) left no token
+    /// that satisfies both: the answer ends here rather than break either.
+    ContentFilter,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -429,6 +432,7 @@ impl Worker {
         if let Some(guard) = seq.guard.as_mut() {
             match guard.fill_mask(&mut logits) {
                 Ok(m) => self.stats.record_mask(m.elapsed),
+                Err(crate::guard::grammar::GuardError::DeadEnd) => return Ok(finish(seq, FinishReason::ContentFilter)),
                 Err(e) => return Ok(fail(seq, format!("the output constraint failed: {e}"))),
             }
         }

@@ -44,7 +44,7 @@
 //!   start; once the answer has left the refusal's prefix, it is free text (which may still
 //!   contain the refusal's words when they are valid free text). The refusal itself must not
 //!   contain a forbidden phrase (checked at compile time).
-//! - Quote mode ([`PolicyGrammar::quote_sources`]): the answer is a sequence of
+//! - Quote mode ([`Shape::Quote`]): the answer is a sequence of
 //!   `"<sentence copied verbatim from passage i>" [i]` items with optional connective text from a
 //!   fixed list ([`QUOTE_CONNECTIVES`]: "According to our help center, ", " Also, ", line breaks,
 //!   ...) before, between and after them. Sentences that contain a forbidden phrase are left out.
@@ -86,6 +86,8 @@ pub enum GuardError {
     Policy(String),
     #[error("the constraint allows no output at all")]
     Empty,
+    #[error("the constraint and the policy pack leave no token that satisfies both")]
+    DeadEnd,
     #[error("token {token} is not allowed by the constraint: {reason}")]
     Rejected { token: u32, reason: String },
     #[error("the constraint matcher failed: {0}")]
@@ -154,11 +156,26 @@ pub struct PolicyGrammar {
     pub forbidden: Vec<Forbidden>,
     /// Markers `[1]`..`[citations]` are allowed; 0 means no brackets at all.
     pub citations: usize,
-    /// A fixed text the model may emit instead of an answer.
+    /// A fixed text the model may emit instead of an answer (not used by [`Shape::Filter`]).
     pub refusal: String,
+    pub shape: Shape,
+}
+
+/// What an answer under the policy looks like.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Shape {
+    /// Free text (no brackets but citation markers), or the refusal.
+    #[default]
+    Answer,
     /// Quote mode: the answer quotes sentences of these passages verbatim (`[i]` after a
     /// sentence of passage i, counted from 1), with short connective text between quotes.
-    pub quote_sources: Option<Vec<String>>,
+    Quote(Vec<String>),
+    /// Only the forbidden phrases: any text without one (brackets allowed, no refusal branch).
+    /// Run beside a client's structured-output constraint (see [`GuardMatcher::and`]) so a JSON
+    /// answer or a regex-shaped answer cannot carry a forbidden commitment either. With `json`,
+    /// the text is JSON: `\n`, `\r` and `\t` escapes count as word separators and `\u` escapes
+    /// are not allowed (they could spell a phrase the byte-level check would not see).
+    Filter { json: bool },
 }
 
 /// A phrase (or regex) the answer must never contain.
@@ -226,10 +243,17 @@ impl GuardCompiler {
 
     /// Compiles `constraint`. Any failure, limit or budget overrun is an error; see [`GuardError`].
     pub fn compile(&self, constraint: &Constraint) -> Result<CompiledGuard, GuardError> {
+        self.compile_within(constraint, &self.limits)
+    }
+
+    /// [`compile`](Self::compile) under other size, depth and time bounds (a client's grammar gets
+    /// the operator's settings; the policy's own grammars the compiler's). `limits.parser` is not
+    /// used: llguidance's limits are fixed when the compiler is built.
+    pub fn compile_within(&self, constraint: &Constraint, limits: &GuardLimits) -> Result<CompiledGuard, GuardError> {
         let start = Instant::now();
-        let (text, kind) = self.grammar_text(constraint)?;
-        if text.len() > self.limits.max_grammar_bytes {
-            return Err(GuardError::TooLarge { what: kind.noun(), bytes: text.len(), max: self.limits.max_grammar_bytes });
+        let (text, kind) = self.grammar_text(constraint, limits)?;
+        if text.len() > limits.max_grammar_bytes {
+            return Err(GuardError::TooLarge { what: kind.noun(), bytes: text.len(), max: limits.max_grammar_bytes });
         }
         let top = match constraint {
             Constraint::JsonObject | Constraint::JsonSchema { .. } => {
@@ -248,18 +272,18 @@ impl GuardCompiler {
         }
         let accepting = matcher.is_accepting().map_err(|e| GuardError::Matcher(e.to_string()))?;
         let took = start.elapsed();
-        if took > self.limits.compile_budget {
-            return Err(GuardError::TooSlow { budget_ms: self.limits.compile_budget.as_millis(), took_ms: took.as_secs_f64() * 1e3 });
+        if took > limits.compile_budget {
+            return Err(GuardError::TooSlow { budget_ms: limits.compile_budget.as_millis(), took_ms: took.as_secs_f64() * 1e3 });
         }
         let hash = format!("{:x}", Sha256::digest(text.as_bytes()));
         Ok(CompiledGuard { matcher, accepting, text, hash, compile_time: took, eos: Arc::clone(&self.eos) })
     }
 
     /// The exact text handed to llguidance (Lark, or a serialized JSON schema), checked for depth.
-    fn grammar_text(&self, constraint: &Constraint) -> Result<(String, Kind), GuardError> {
-        let max = self.limits.max_depth;
+    fn grammar_text(&self, constraint: &Constraint, limits: &GuardLimits) -> Result<(String, Kind), GuardError> {
+        let max = limits.max_depth;
         match constraint {
-            Constraint::Policy(p) => Ok((policy_lark(p, &self.limits)?, Kind::Policy)),
+            Constraint::Policy(p) => Ok((policy_lark(p, limits)?, Kind::Policy)),
             Constraint::JsonObject => Ok((r#"{"type":"object"}"#.to_string(), Kind::Json)),
             Constraint::JsonSchema { schema, strict } => {
                 // Counted exactly up to a cap well past the limit, so errors can say how deep.
@@ -279,8 +303,8 @@ impl GuardCompiler {
             }
             Constraint::Regex(rx) => {
                 check_depth("regex", rx, max)?;
-                if rx.len() > self.limits.max_grammar_bytes {
-                    return Err(GuardError::TooLarge { what: "regex", bytes: rx.len(), max: self.limits.max_grammar_bytes });
+                if rx.len() > limits.max_grammar_bytes {
+                    return Err(GuardError::TooLarge { what: "regex", bytes: rx.len(), max: limits.max_grammar_bytes });
                 }
                 Ok((format!("start: /{}/", llguidance::regex_to_lark(rx, "")), Kind::Regex))
             }
@@ -339,7 +363,7 @@ fn tidy(msg: &str) -> String {
 /// Compiles each regex rule alone to find the one that breaks the policy grammar.
 fn blame_rule(compiler: &GuardCompiler, p: &PolicyGrammar) -> Option<GuardError> {
     p.forbidden.iter().filter(|f| f.regex).find_map(|f| {
-        let lark = format!("start: /{}/", llguidance::regex_to_lark(&contains(&forbidden_regex(f)), ""));
+        let lark = format!("start: /{}/", llguidance::regex_to_lark(&contains(&forbidden_regex(f, false)), ""));
         let parser = compiler.factory.create_parser(TopLevelGrammar::from_lark(lark));
         let err = match parser {
             Err(e) => Some(e.to_string()),
@@ -349,13 +373,15 @@ fn blame_rule(compiler: &GuardCompiler, p: &PolicyGrammar) -> Option<GuardError>
     })
 }
 
-/// Case-insensitive regex (no anchors) matching one forbidden phrase or pattern.
-fn forbidden_regex(f: &Forbidden) -> String {
+/// Case-insensitive regex (no anchors) matching one forbidden phrase or pattern. In JSON text,
+/// the escapes `\n`, `\r`, `\t` separate words too.
+fn forbidden_regex(f: &Forbidden, json: bool) -> String {
     if f.regex {
         format!("(?:{})", f.pattern)
     } else {
+        let sep = if json { r"(?:[\s\-_]|\\[nrt])*" } else { r"[\s\-_]*" };
         let words: Vec<String> = f.pattern.split_whitespace().map(regex::escape).collect();
-        format!("(?:{})", words.join(r"[\s\-_]*"))
+        format!("(?:{})", words.join(sep))
     }
 }
 
@@ -367,6 +393,7 @@ fn contains(rx: &str) -> String {
 /// The union of all forbidden patterns, validated one by one (with names) with the `regex` crate,
 /// whose syntax llguidance's lexer shares; `None` when there are none.
 fn forbidden_union(p: &PolicyGrammar, max_depth: usize) -> Result<Option<String>, GuardError> {
+    let json = matches!(p.shape, Shape::Filter { json: true });
     let mut parts = Vec::with_capacity(p.forbidden.len());
     for f in &p.forbidden {
         let fail = |reason: String| GuardError::Forbidden { rule: f.rule.clone(), reason };
@@ -379,7 +406,7 @@ fn forbidden_union(p: &PolicyGrammar, max_depth: usize) -> Result<Option<String>
                 return Err(fail(format!("is nested {depth} deep; at most {max_depth} levels are allowed")));
             }
         }
-        let rx = forbidden_regex(f);
+        let rx = forbidden_regex(f, json);
         let whole = regex::Regex::new(&format!("(?i)^{rx}$")).map_err(|e| fail(format!("does not compile: {}", tidy(&e.to_string()))))?;
         if whole.is_match("") {
             return Err(fail("matches the empty text, so it would forbid every answer".into()));
@@ -391,16 +418,22 @@ fn forbidden_union(p: &PolicyGrammar, max_depth: usize) -> Result<Option<String>
 
 /// A non-letter, as a forbidden pattern writes it to mark a whole word: `[^a-z]sage[^a-z]`.
 const NON_LETTER: &str = "[^a-z]";
+/// What ends a number in a bound pattern (see [`super::bounds`]): `$5,000[^0-9,]`.
+pub const NUMBER_END: &str = "[^0-9,]";
+/// What comes before a number in a bound pattern: `[^0-9]60 days`.
+pub const NUMBER_START: &str = "[^0-9]";
 
 /// llguidance's lexer has no anchors or look-around, so a whole-word pattern (`[^a-z]word[^a-z]`)
-/// would miss the word at the very start or end of the answer. These are the same patterns with
-/// the edge classes dropped, anchored at the answer's start, end, or both (a lexeme matches the
-/// whole answer): `(?is)(?:word[^a-z]).*|.*(?:[^a-z]word)|(?:word)`. `None` when no pattern has one.
+/// would miss the word at the very start or end of the answer, and a bound pattern that ends a
+/// number with [`NUMBER_END`] would miss an amount that ends the answer. These are the same
+/// patterns with the edge classes dropped, anchored at the answer's start, end, or both (a lexeme
+/// matches the whole answer): `(?is)(?:word[^a-z]).*|.*(?:[^a-z]word)|(?:word)`. `None` when no
+/// pattern has one.
 fn edge_variants(p: &PolicyGrammar) -> Option<String> {
     let mut alts = Vec::new();
     for f in p.forbidden.iter().filter(|f| f.regex) {
-        let start = f.pattern.strip_prefix(NON_LETTER);
-        let end = f.pattern.strip_suffix(NON_LETTER);
+        let start = f.pattern.strip_prefix(NON_LETTER).or_else(|| f.pattern.strip_prefix(NUMBER_START));
+        let end = f.pattern.strip_suffix(NON_LETTER).or_else(|| f.pattern.strip_suffix(NUMBER_END));
         if let Some(rest) = start {
             alts.push(format!("(?:{rest}).*"));
         }
@@ -416,7 +449,8 @@ fn edge_variants(p: &PolicyGrammar) -> Option<String> {
 
 /// The Lark text of a policy (see the module doc).
 fn policy_lark(p: &PolicyGrammar, limits: &GuardLimits) -> Result<String, GuardError> {
-    if p.refusal.trim().is_empty() {
+    let filter_only = matches!(p.shape, Shape::Filter { .. });
+    if !filter_only && p.refusal.trim().is_empty() {
         return Err(GuardError::Policy("the refusal text is empty; the model needs a way to decline".into()));
     }
     if p.citations > limits.max_citations {
@@ -441,15 +475,23 @@ fn policy_lark(p: &PolicyGrammar, limits: &GuardLimits) -> Result<String, GuardE
     };
 
     let mut g = String::new();
-    g.push_str(&format!("REFUSAL: {}\n", lark_string(&p.refusal)));
+    if !filter_only {
+        g.push_str(&format!("REFUSAL: {}\n", lark_string(&p.refusal)));
+    }
     if let Some(rx) = &forbidden {
         g.push_str(&format!("FORBIDDEN: /{}/\n", llguidance::regex_to_lark(&contains(rx), "")));
     }
     if let Some(rx) = &edges {
         g.push_str(&format!("FORBIDDEN_EDGE: /{}/\n", llguidance::regex_to_lark(rx, "")));
     }
-    match &p.quote_sources {
-        None => {
+    match &p.shape {
+        Shape::Filter { json } => {
+            // JSON text: no `\u` escapes (a phrase spelled with them would pass the byte check).
+            let text = if *json { r"(?:[^\\\p{Cf}]|\\[^u\p{Cf}])+" } else { r"[^\p{Cf}]+" };
+            g.insert_str(0, "start: TEXT\n");
+            g.push_str(&format!("TEXT: /(?s:{text})/{not_forbidden}\n"));
+        }
+        Shape::Answer => {
             let marker = if p.citations == 0 {
                 String::new()
             } else {
@@ -460,7 +502,7 @@ fn policy_lark(p: &PolicyGrammar, limits: &GuardLimits) -> Result<String, GuardE
             g.push_str(&format!("ANSWER: BODY{not_forbidden}\n"));
             g.push_str(&format!("BODY: /(?:[^\\[\\]\\p{{Cf}}]{marker})+/\n"));
         }
-        Some(passages) => {
+        Shape::Quote(passages) => {
             let mut quotes = Vec::new();
             for (i, passage) in passages.iter().enumerate() {
                 for s in sentences(passage) {
@@ -625,7 +667,7 @@ impl CompiledGuard {
 
     /// A fresh matcher for one sequence.
     pub fn matcher(&self) -> GuardMatcher {
-        GuardMatcher { inner: self.matcher.clone(), accepting: self.accepting, eos: Arc::clone(&self.eos) }
+        GuardMatcher { parts: vec![Part { inner: self.matcher.clone(), accepting: self.accepting }], eos: Arc::clone(&self.eos) }
     }
 }
 
@@ -641,21 +683,40 @@ pub struct MaskStats {
 }
 
 /// The constraint's state for one sequence. `clone` forks it (e.g. for n > 1 choices that share
-/// a prefix).
+/// a prefix). It may hold several constraints at once ([`GuardMatcher::and`]): a token is allowed
+/// only when every one of them allows it.
 #[derive(Clone)]
 pub struct GuardMatcher {
+    parts: Vec<Part>,
+    eos: Arc<[u32]>,
+}
+
+#[derive(Clone)]
+struct Part {
     inner: Matcher,
     accepting: bool,
-    eos: Arc<[u32]>,
 }
 
 impl std::fmt::Debug for GuardMatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuardMatcher").field("accepting", &self.accepting).field("stopped", &self.is_stopped()).finish()
+        f.debug_struct("GuardMatcher")
+            .field("parts", &self.parts.len())
+            .field("accepting", &self.is_accepting())
+            .field("stopped", &self.is_stopped())
+            .finish()
     }
 }
 
 impl GuardMatcher {
+    /// Both constraints at once: the output must satisfy `self` and `other` (e.g. a client's JSON
+    /// schema and the policy pack's forbidden phrases). The languages are intersected token by
+    /// token; when they leave no common token, [`fill_mask`](Self::fill_mask) fails with
+    /// [`GuardError::DeadEnd`] rather than letting either go unconstrained.
+    pub fn and(mut self, other: GuardMatcher) -> GuardMatcher {
+        self.parts.extend(other.parts);
+        self
+    }
+
     /// Sets every logit the constraint does not allow to `-inf`; logits past the vocabulary
     /// (padded output heads) too. Once the grammar has finished, only end-of-generation ids stay.
     pub fn fill_mask(&mut self, logits: &mut [f32]) -> Result<MaskStats, GuardError> {
@@ -663,7 +724,7 @@ impl GuardMatcher {
         let mask = self.mask()?;
         let allowed = mask.num_set();
         if allowed == 0 {
-            return Err(GuardError::Matcher("no token is allowed in this state".into()));
+            return Err(if self.parts.len() > 1 { GuardError::DeadEnd } else { GuardError::Matcher("no token is allowed in this state".into()) });
         }
         apply(&mask, logits);
         let eos_allowed = self.eos.iter().any(|&t| mask.is_allowed(t));
@@ -671,31 +732,46 @@ impl GuardMatcher {
     }
 
     /// The allowed token set (llguidance's bit vector), for callers that need more than -inf.
+    ///
+    /// With several constraints, their masks are computed in parallel (the model is idle while
+    /// masks are computed, so its threads are free) and intersected.
     pub fn mask(&mut self) -> Result<SimpleVob, GuardError> {
-        self.inner.compute_mask_or_eos().map_err(|e| GuardError::Matcher(tidy(&e.to_string())))
+        use rayon::prelude::*;
+        let one = |p: &mut Part| p.inner.compute_mask_or_eos().map_err(|e| GuardError::Matcher(tidy(&e.to_string())));
+        let mut masks = if self.parts.len() == 1 {
+            vec![one(&mut self.parts[0])?]
+        } else {
+            self.parts.par_iter_mut().map(one).collect::<Result<Vec<_>, _>>()?
+        };
+        let mut mask = masks.pop().ok_or_else(|| GuardError::Matcher("no constraint".into()))?;
+        for m in &masks {
+            mask.and(m);
+        }
+        Ok(mask)
     }
 
     /// Advances past the sampled token. A token the mask did not allow is an error, and the
     /// matcher stays failed (every later call errors).
     pub fn accept(&mut self, token: u32) -> Result<(), GuardError> {
-        if self.is_stopped() && self.eos.contains(&token) {
-            return Ok(());
+        let eos = self.eos.contains(&token);
+        for p in &mut self.parts {
+            if eos && p.inner.is_stopped() {
+                continue;
+            }
+            p.inner.consume_token(token).map_err(|e| GuardError::Rejected { token, reason: tidy(&e.to_string()) })?;
+            p.accepting = p.inner.is_accepting().unwrap_or(false);
         }
-        self.inner
-            .consume_token(token)
-            .map_err(|e| GuardError::Rejected { token, reason: tidy(&e.to_string()) })?;
-        self.accepting = self.inner.is_accepting().unwrap_or(false);
         Ok(())
     }
 
     /// Whether the output so far is complete (end-of-generation would be allowed now).
     pub fn is_accepting(&self) -> bool {
-        self.accepting || self.inner.is_stopped()
+        self.parts.iter().all(|p| p.accepting || p.inner.is_stopped())
     }
 
-    /// The grammar has finished (or failed): only end-of-generation may follow.
+    /// A grammar has finished (or failed): only end-of-generation may follow.
     pub fn is_stopped(&self) -> bool {
-        self.inner.is_stopped()
+        self.parts.iter().any(|p| p.inner.is_stopped())
     }
 
     /// The end-of-generation ids, allowed when [`is_accepting`](Self::is_accepting).
@@ -746,8 +822,9 @@ mod tests {
     #[test]
     fn phrases_get_flexible_separators_and_rules_are_checked() {
         let f = Forbidden::phrase("r", "100% uptime");
-        assert_eq!(forbidden_regex(&f), r"(?:100%[\s\-_]*uptime)");
-        let p = PolicyGrammar { forbidden: vec![f], citations: 2, refusal: "No.".into(), quote_sources: None };
+        assert_eq!(forbidden_regex(&f, false), r"(?:100%[\s\-_]*uptime)");
+        assert_eq!(forbidden_regex(&f, true), r"(?:100%(?:[\s\-_]|\\[nrt])*uptime)");
+        let p = PolicyGrammar { forbidden: vec![f], citations: 2, refusal: "No.".into(), shape: Shape::Answer };
         let lark = policy_lark(&p, &GuardLimits::default()).unwrap();
         assert!(lark.starts_with("start: ANSWER | REFUSAL\n"), "{lark}");
         assert!(lark.contains(r"\[(?:1|2)\]"), "{lark}");

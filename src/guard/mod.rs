@@ -4,6 +4,7 @@
 //!
 //! Knows the tokenizer; nothing of the engine or the server.
 
+pub mod bounds;
 pub mod env;
 pub mod escalation;
 pub mod grammar;
@@ -20,7 +21,41 @@ pub struct ActivePolicy {
     /// The pack's answer grammar by number of citable passages, compiled on first use. Matchers of
     /// one compiled grammar share its lexer caches, so after the first answers a mask costs a
     /// fraction of a cold one.
-    grammars: std::sync::Mutex<std::collections::HashMap<usize, grammar::CompiledGuard>>,
+    grammars: std::sync::Mutex<std::collections::HashMap<GrammarKey, grammar::CompiledGuard>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum GrammarKey {
+    /// The answer grammar for this many citable passages.
+    Answer(usize),
+    /// The forbidden-phrase filter run beside a structured output; `true` for JSON text.
+    Filter(bool),
+    /// The bounds rules alone (their own lexer: in one lexeme with the phrases, the number
+    /// patterns made llguidance's derivative lexer run out of fuel); `true` for JSON text.
+    Bounds(bool),
+}
+
+/// A policy's constraint for one answer: the matcher (one or more grammars enforced together)
+/// and a hash naming exactly which grammars those are.
+pub struct Guarded {
+    pub matcher: grammar::GuardMatcher,
+    /// sha256 (hex) over the grammars' own hashes, in order.
+    pub hash: String,
+}
+
+impl Guarded {
+    fn of(parts: &[&grammar::CompiledGuard]) -> Guarded {
+        use sha2::Digest;
+        let mut matcher = parts[0].matcher();
+        let mut h = sha2::Sha256::new();
+        h.update(parts[0].hash());
+        for p in &parts[1..] {
+            matcher = matcher.and(p.matcher());
+            h.update(p.hash());
+        }
+        let hash = if parts.len() == 1 { parts[0].hash().to_string() } else { format!("{:x}", h.finalize()) };
+        Guarded { matcher, hash }
+    }
 }
 
 impl ActivePolicy {
@@ -33,18 +68,75 @@ impl ActivePolicy {
         Ok(ActivePolicy { pack, triggers, grammars: Default::default() })
     }
 
+    /// Everything the pack enforces on a free-text answer that may cite `citations` passages: the
+    /// answer grammar and the bounds.
+    pub fn answer_guard(&self, compiler: &grammar::GuardCompiler, citations: usize) -> Result<Guarded, grammar::GuardError> {
+        let answer = self.answer_grammar(compiler, citations)?;
+        Ok(match self.bounds_grammar(compiler, false)? {
+            Some(b) => Guarded::of(&[&answer, &b]),
+            None => Guarded::of(&[&answer]),
+        })
+    }
+
+    /// Quote mode: the quote grammar alone (its sentences are the docs' own, so bounds hold).
+    pub fn quote_guard(&self, compiler: &grammar::GuardCompiler, passages: Vec<String>) -> Result<Guarded, grammar::GuardError> {
+        Ok(Guarded::of(&[&self.quote_grammar(compiler, passages)?]))
+    }
+
+    /// A client's structured output under the pack: their grammar, the forbidden phrases and the
+    /// bounds, all enforced per token.
+    pub fn structured_guard(
+        &self,
+        compiler: &grammar::GuardCompiler,
+        client: &grammar::CompiledGuard,
+        json: bool,
+    ) -> Result<Guarded, grammar::GuardError> {
+        let filter = self.filter_grammar(compiler, json)?;
+        Ok(match self.bounds_grammar(compiler, json)? {
+            Some(b) => Guarded::of(&[client, &filter, &b]),
+            None => Guarded::of(&[client, &filter]),
+        })
+    }
+
+    /// The bounds rules as their own any-text grammar; `None` when the pack has none.
+    pub fn bounds_grammar(&self, compiler: &grammar::GuardCompiler, json: bool) -> Result<Option<grammar::CompiledGuard>, grammar::GuardError> {
+        if self.pack.bounds.is_empty() {
+            return Ok(None);
+        }
+        let forbidden = self.pack.bounds.iter().flat_map(bounds::forbidden).collect();
+        let spec = grammar::PolicyGrammar { forbidden, citations: 0, refusal: String::new(), shape: grammar::Shape::Filter { json } };
+        self.cached(compiler, GrammarKey::Bounds(json), spec).map(Some)
+    }
+
     /// The pack's grammar for an answer that may cite `citations` passages: no forbidden commitment
     /// in any casing or token split, markers only for the passages given, and the refusal as a
     /// branch the model may take instead of answering.
     pub fn answer_grammar(&self, compiler: &grammar::GuardCompiler, citations: usize) -> Result<grammar::CompiledGuard, grammar::GuardError> {
+        let spec = grammar::PolicyGrammar { forbidden: self.forbidden(), citations, refusal: self.pack.messages.refusal.clone(), shape: grammar::Shape::Answer };
+        self.cached(compiler, GrammarKey::Answer(citations), spec)
+    }
+
+    /// The pack's forbidden phrases (and bounds) alone, to run beside a client's structured-output
+    /// constraint ([`grammar::GuardMatcher::and`]): a JSON or regex-shaped answer cannot carry a
+    /// forbidden commitment either. `json`: the text is JSON (escapes are read as such).
+    pub fn filter_grammar(&self, compiler: &grammar::GuardCompiler, json: bool) -> Result<grammar::CompiledGuard, grammar::GuardError> {
+        let spec = grammar::PolicyGrammar { forbidden: self.forbidden(), citations: 0, refusal: String::new(), shape: grammar::Shape::Filter { json } };
+        self.cached(compiler, GrammarKey::Filter(json), spec)
+    }
+
+    fn cached(&self, compiler: &grammar::GuardCompiler, key: GrammarKey, spec: grammar::PolicyGrammar) -> Result<grammar::CompiledGuard, grammar::GuardError> {
         let mut cache = self.grammars.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(g) = cache.get(&citations) {
+        if let Some(g) = cache.get(&key) {
             return Ok(g.clone());
         }
-        let spec = grammar::PolicyGrammar { forbidden: self.forbidden(), citations, refusal: self.pack.messages.refusal.clone(), quote_sources: None };
         let compiled = compiler.compile(&grammar::Constraint::Policy(spec))?;
-        cache.insert(citations, compiled.clone());
+        cache.insert(key, compiled.clone());
         Ok(compiled)
+    }
+
+    /// Ids of the rules a guarded answer is constrained by while decoding.
+    pub fn decode_rules(&self) -> Vec<String> {
+        self.pack.forbidden.iter().map(|r| r.id.clone()).chain(self.pack.bounds.iter().map(|r| r.id.clone())).collect()
     }
 
     /// The pack's grammar in quote mode: the answer's sentences are copied verbatim from `passages`
@@ -53,7 +145,7 @@ impl ActivePolicy {
     pub fn quote_grammar(&self, compiler: &grammar::GuardCompiler, passages: Vec<String>) -> Result<grammar::CompiledGuard, grammar::GuardError> {
         let citations = passages.len();
         let spec =
-            grammar::PolicyGrammar { forbidden: self.forbidden(), citations, refusal: self.pack.messages.refusal.clone(), quote_sources: Some(passages) };
+            grammar::PolicyGrammar { forbidden: self.forbidden(), citations, refusal: self.pack.messages.refusal.clone(), shape: grammar::Shape::Quote(passages) };
         compiler.compile(&grammar::Constraint::Policy(spec))
     }
 

@@ -51,6 +51,11 @@ macro_rules! generation_request {
             pub n: Option<i64>,
             /// End-user identifier; accepted and ignored.
             pub user: Option<String>,
+            /// Structured output: `{"type": "json_object"}` (any JSON object) or
+            /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` (JSON valid
+            /// against the schema); `{"type": "text"}` is the default. Enforced while decoding, so
+            /// a complete answer always parses; the policy pack still applies inside it.
+            pub response_format: Option<ResponseFormat>,
             /// Helpline's sampling extensions.
             pub helpline: Option<HelplineSampling>,
         }
@@ -70,6 +75,7 @@ macro_rules! generation_request {
                     presence_penalty: self.presence_penalty,
                     frequency_penalty: self.frequency_penalty,
                     n: self.n,
+                    response_format: self.response_format.clone(),
                     helpline: self.helpline.clone(),
                 }
             }
@@ -115,7 +121,42 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
     pub n: Option<i64>,
+    pub response_format: Option<ResponseFormat>,
     pub helpline: Option<HelplineSampling>,
+}
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct ResponseFormat {
+    /// `text` (default), `json_object` or `json_schema`.
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: Option<String>,
+    /// Required with `type: json_schema`.
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct JsonSchemaFormat {
+    /// A name for the schema (1 to 64 characters of a-z A-Z 0-9 _ -); optional here.
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// The JSON Schema the answer must validate against.
+    #[schema(value_type = Object)]
+    pub schema: Option<serde_json::Value>,
+    /// `true`: a schema keyword Helpline cannot enforce is a 400. `false` (default): such keywords
+    /// are ignored (the answer is still JSON of the schema's shape, possibly looser).
+    pub strict: Option<bool>,
+}
+
+/// `helpline.grammar`: the answer must match a regex, or a Lark grammar (llguidance's dialect).
+/// Give exactly one.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct GrammarIn {
+    /// The whole answer must match this regex (Rust `regex` syntax, no anchors needed).
+    pub regex: Option<String>,
+    /// A Lark grammar with a `start` rule.
+    pub lark: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -145,6 +186,8 @@ pub struct HelplineSampling {
     /// sentences are copied verbatim from the retrieved passages, each followed by its marker, with
     /// at most 8 words of connective text between quotes.
     pub quote: Option<bool>,
+    /// Constrain the answer to a regex or a Lark grammar (instead of `response_format`).
+    pub grammar: Option<GrammarIn>,
 }
 
 /// Restrictions on retrieval. Draft and retired articles are never retrieved, whatever the filters.
@@ -387,6 +430,7 @@ impl From<EngineFinishReason> for FinishReason {
         match r {
             EngineFinishReason::Stop => FinishReason::Stop,
             EngineFinishReason::Length => FinishReason::Length,
+            EngineFinishReason::ContentFilter => FinishReason::ContentFilter,
         }
     }
 }
@@ -467,6 +511,19 @@ pub struct GuardInfo {
     /// Whether the answer was generated in quote mode.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub quote_mode: bool,
+    /// The client's structured-output constraint the answer was generated under (together with
+    /// the pack's forbidden phrases, whose grammar `grammar_hash` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structure: Option<StructureInfo>,
+}
+
+/// A structured-output constraint (`response_format` or `helpline.grammar`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StructureInfo {
+    /// `json_object`, `json_schema`, `regex` or `lark`.
+    pub kind: String,
+    /// sha256 of the grammar llguidance compiled for it.
+    pub hash: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -540,9 +597,13 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: AssistantRole,
-    pub content: String,
+    /// The answer. Null only for a structured output (`response_format`, `helpline.grammar`) that
+    /// the bot did not give: the refusal or handoff text is then in `refusal` alone, so `content`,
+    /// when present, always parses.
+    pub content: Option<String>,
     /// The refusal text when the policy pack made the bot refuse (`finish_reason: "content_filter"`);
-    /// the same text is in `content` for clients that only read that. Otherwise null.
+    /// the same text is in `content` for clients that only read that (except structured outputs,
+    /// see `content`). Otherwise null.
     pub refusal: Option<String>,
 }
 

@@ -5,7 +5,9 @@
 
 use std::time::Instant;
 
-use super::dto::{BudgetOut, CitedBy, Dropped, FinishReason, GroundingInfo, GroundingStatus, GuardAction, GuardInfo, HandoffInfo, PassageOut};
+use super::dto::{
+    BudgetOut, CitedBy, Dropped, FinishReason, GroundingInfo, GroundingStatus, GuardAction, GuardInfo, HandoffInfo, PassageOut, StructureInfo,
+};
 use super::error::ApiError;
 use super::validate::{self, ValidChat, ValidGeneration};
 use super::AppState;
@@ -39,6 +41,9 @@ pub struct GroundingCtx {
     /// The grammar's refusal branch, when the answer was generated under the pack: an answer that is
     /// exactly this text is reported as a policy refusal.
     pub refusal_text: Option<String>,
+    /// The client asked for a structured output: the text is theirs to parse, so citation markers
+    /// are neither filtered nor appended, and a refusal or handoff goes in `refusal` only.
+    pub structured: bool,
 }
 
 /// The end of a grounded answer: the report, the citations, and text to append to the answer
@@ -71,13 +76,14 @@ impl GroundingCtx {
             given: Vec::new(),
             guard: None,
             refusal_text: None,
+            structured: false,
         }
     }
 
     /// A filter for the streamed text when the answer is grounded (markers are checked against the
     /// passages given); none otherwise.
     pub fn citation_filter(&self) -> Option<CitationFilter> {
-        (self.info.status == GroundingStatus::Grounded).then(|| CitationFilter::new(self.info.passages.len()))
+        (self.info.status == GroundingStatus::Grounded && !self.structured).then(|| CitationFilter::new(self.info.passages.len()))
     }
 
     /// The grounding report and citations once the answer is complete. `answer` is the text sent
@@ -90,6 +96,16 @@ impl GroundingCtx {
     /// `grounding.support` shows how little of it the passages hold.
     pub fn close(&self, filter: Option<&CitationFilter>, answer: &str) -> Closing {
         let mut info = self.info.clone();
+        if self.structured {
+            // The client's format: nothing is appended; citations by attribution only.
+            let citations = (self.info.status == GroundingStatus::Grounded).then(|| {
+                let (overall, each) = prompt::support(answer, &self.given);
+                info.support = Some(overall);
+                self.cite(&prompt::attribute(&each), CitedBy::Attribution)
+            });
+            let citations = citations.or_else(|| (self.info.status == GroundingStatus::NoRelevantDocs).then(Vec::new));
+            return Closing { info, citations, suffix: String::new(), guard: self.guard.clone(), refused: false };
+        }
         let refused = self.refusal_text.as_deref().is_some_and(|r| !answer.trim().is_empty() && r.trim() == answer.trim());
         if refused {
             let guard = self.guard.clone().map(|g| GuardInfo {
@@ -114,15 +130,20 @@ impl GroundingCtx {
         } else {
             (f.cited().to_vec(), CitedBy::Model, String::new())
         };
-        let citations = numbers
+        let citations = self.cite(&numbers, by);
+        Closing { info, citations: Some(citations), suffix, guard: self.guard.clone(), refused }
+    }
+
+    /// The given passages with these markers.
+    fn cite(&self, numbers: &[usize], by: CitedBy) -> Vec<PassageOut> {
+        numbers
             .iter()
             .filter_map(|n| self.info.passages.get(n - 1).cloned())
             .map(|mut p| {
                 p.cited_by = Some(by);
                 p
             })
-            .collect();
-        Closing { info, citations: Some(citations), suffix, guard: self.guard.clone(), refused }
+            .collect()
     }
 
     pub fn status_label(&self) -> &'static str {
@@ -167,7 +188,11 @@ pub fn retrieval_error(e: RetrievalError) -> ApiError {
 /// Decides a chat turn (runs on a blocking thread: retrieval and tokenizing are CPU work).
 pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
     let policy = state.policy()?;
-    if let Some(answer) = policy_answer(state, &policy, &chat) {
+    let structured = chat.structured.clone();
+    if let Some(mut answer) = policy_answer(state, &policy, &chat) {
+        if let ChatPlan::Refuse { grounding, .. } = &mut answer {
+            grounding.structured = structured.is_some();
+        }
         return Ok(answer);
     }
     let quote = chat.quote;
@@ -180,28 +205,60 @@ pub fn plan(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError> {
         grammar_hash: None,
         constrained_by: Vec::new(),
         quote_mode: false,
+        structure: None,
     };
     match &mut plan {
+        ChatPlan::Generate { valid, grounding } if structured.is_some() => {
+            let s = structured.as_ref().expect("checked by the guard");
+            let loaded = state.loaded()?;
+            // The client's constraint, the pack's forbidden phrases and its bounds, all enforced per token.
+            let guarded = policy
+                .structured_guard(&loaded.guard, &s.guard, s.json)
+                .map_err(|e| ApiError::internal(format!("the policy grammar does not compile: {e}")))?;
+            let mut matcher = guarded.matcher;
+            if matcher.mask().map_or(true, |m| m.is_zero()) {
+                return Err(ApiError::bad_request(
+                    "grammar_conflicts_with_policy",
+                    "the requested output format and the policy pack together allow no output; change the format",
+                ));
+            }
+            grounding.structured = true;
+            grounding.refusal_text = Some(policy.pack.messages.refusal.clone());
+            info.grammar_hash = Some(guarded.hash);
+            info.constrained_by = policy.decode_rules();
+            info.constrained_by.push(s.kind.to_string());
+            info.structure = Some(StructureInfo { kind: s.kind.to_string(), hash: s.guard.hash().to_string() });
+            valid.job.guard = Some(JobGuard(Box::new(matcher)));
+            grounding.guard = Some(info);
+        }
         ChatPlan::Generate { valid, grounding } => {
             let loaded = state.loaded()?;
             let quoting = quote && grounding.info.status == GroundingStatus::Grounded;
             let compiled = if quoting {
                 let passages = grounding.given.iter().map(|p| p.text.clone()).collect();
-                policy.quote_grammar(&loaded.guard, passages)
+                policy.quote_guard(&loaded.guard, passages)
             } else {
-                policy.answer_grammar(&loaded.guard, grounding.info.passages.len())
+                policy.answer_guard(&loaded.guard, grounding.info.passages.len())
             };
             // Fail closed: a grammar that does not compile is a 500, never an unconstrained answer.
             let guard = compiled.map_err(|e| ApiError::internal(format!("the policy grammar does not compile: {e}")))?;
             info.quote_mode = quoting;
             grounding.refusal_text = Some(policy.pack.messages.refusal.clone());
-            info.grammar_hash = Some(guard.hash().to_string());
-            info.constrained_by = policy.pack.forbidden.iter().map(|r| r.id.clone()).collect();
+            info.grammar_hash = Some(guard.hash);
+            info.constrained_by = policy.decode_rules();
             info.constrained_by.push("citations".into());
-            valid.job.guard = Some(JobGuard(Box::new(guard.matcher())));
+            if quoting {
+                // Sentences are the docs' own and connectives fixed: bounds hold by construction.
+                info.constrained_by.retain(|r| !policy.pack.bounds.iter().any(|b| &b.id == r));
+                info.constrained_by.push("quote".into());
+            }
+            valid.job.guard = Some(JobGuard(Box::new(guard.matcher)));
             grounding.guard = Some(info);
         }
-        ChatPlan::Refuse { grounding, .. } => grounding.guard = Some(info),
+        ChatPlan::Refuse { grounding, .. } => {
+            grounding.guard = Some(info);
+            grounding.structured = structured.is_some();
+        }
     }
     Ok(plan)
 }
@@ -241,6 +298,7 @@ fn policy_answer(state: &AppState, policy: &ActivePolicy, chat: &ValidChat) -> O
         grammar_hash: None,
         constrained_by: Vec::new(),
         quote_mode: false,
+        structure: None,
     });
     Some(ChatPlan::Refuse { text, grounding: ctx, stream: chat.sampling.stream, include_usage: chat.sampling.include_usage, finish })
 }
@@ -299,7 +357,7 @@ fn plan_grounded(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError
         let handoff = HandoffInfo { offered: true, reason: reason.into(), message: g.handoff_message.clone() };
         ChatPlan::Refuse {
             text: g.refusal_message.clone(),
-            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None, refusal_text: None },
+            grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None, refusal_text: None, structured: false },
             stream: chat.sampling.stream,
             include_usage: chat.sampling.include_usage,
             finish: FinishReason::Stop,
@@ -329,7 +387,7 @@ fn plan_grounded(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError
     info.budget.history_tokens_used = built.history_tokens;
     let valid = validate::chat_generation(&built.messages, chat.sampling, cfg, loaded)?;
     state.metrics.grounding("grounded");
-    Ok(ChatPlan::Generate { valid, grounding: GroundingCtx { info, handoff: None, given: built.given, guard: None, refusal_text: None } })
+    Ok(ChatPlan::Generate { valid, grounding: GroundingCtx { info, handoff: None, given: built.given, guard: None, refusal_text: None, structured: false } })
 }
 
 #[cfg(test)]
@@ -346,6 +404,7 @@ mod tests {
             grammar_hash: Some("h".into()),
             constrained_by: vec!["x".into()],
             quote_mode: false,
+            structure: None,
         });
         ctx.refusal_text = Some(refusal.into());
         ctx

@@ -62,7 +62,7 @@ pub fn routes() -> Router<SharedState> {
                 (super::dto::ChatCompletion = "application/json"),
                 (super::dto::ChatCompletionChunk = "text/event-stream")
             )),
-        (status = 400, description = "Malformed JSON, or the prompt does not fit (`context_length_exceeded`)", body = ErrorResponse),
+        (status = 400, description = "Malformed JSON; the prompt does not fit (`context_length_exceeded`); or the `response_format` / `helpline.grammar` constraint does not compile or is over a limit (`invalid_grammar`, `grammar_too_large`, `grammar_too_deep`, `grammar_too_slow`, `grammar_conflicts_with_policy`; `param` names the field)", body = ErrorResponse),
         (status = 404, description = "`model` names another model (`model_not_found`)", body = ErrorResponse),
         (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
         (status = 422, description = "A field is missing, of the wrong type or out of range (`param` names it)", body = ErrorResponse),
@@ -96,6 +96,7 @@ pub async fn chat_completions(
                 prompt_tokens: 0,
                 include_usage,
                 grounding: Some(grounding),
+                fixed: true,
             };
             if stream {
                 return Ok(sse::fixed_answer(meta, text, finish, state.config.keep_alive));
@@ -123,7 +124,7 @@ pub async fn chat_completions(
                 (super::dto::TextCompletion = "application/json"),
                 (super::dto::TextCompletion = "text/event-stream")
             )),
-        (status = 400, description = "Malformed JSON, or the prompt does not fit (`context_length_exceeded`)", body = ErrorResponse),
+        (status = 400, description = "Malformed JSON; the prompt does not fit (`context_length_exceeded`); or the `response_format` / `helpline.grammar` constraint does not compile or is over a limit (`invalid_grammar`, `grammar_too_large`, `grammar_too_deep`, `grammar_too_slow`, `grammar_conflicts_with_policy`; `param` names the field)", body = ErrorResponse),
         (status = 404, description = "`model` names another model (`model_not_found`)", body = ErrorResponse),
         (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
         (status = 422, description = "A field is missing, of the wrong type or out of range (`param` names it)", body = ErrorResponse),
@@ -284,6 +285,7 @@ async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor, gr
         prompt_tokens,
         include_usage: valid.include_usage,
         grounding,
+        fixed: false,
     };
     let tracker = Tracker::new(state.clone(), submitted);
     if valid.stream {

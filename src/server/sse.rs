@@ -57,6 +57,8 @@ pub struct Meta {
     pub include_usage: bool,
     /// Chat answers: how the answer is grounded (reported in the final chunk).
     pub grounding: Option<GroundingCtx>,
+    /// The answer is a fixed text (a refusal or handoff), not the model's.
+    pub fixed: bool,
 }
 
 impl Meta {
@@ -71,6 +73,14 @@ impl Meta {
     ) -> Response {
         let usage = Usage::new(self.prompt_tokens, completion_tokens);
         let helpline = self.helpline(timings, closing);
+        let message = match self.structured_refusal(reason, &text) {
+            Some(refusal) => AssistantMessage { role: AssistantRole::Assistant, content: None, refusal: Some(refusal) },
+            None => AssistantMessage {
+                role: AssistantRole::Assistant,
+                refusal: (reason == FinishReason::ContentFilter).then(|| text.clone()),
+                content: Some(text.clone()),
+            },
+        };
         match self.flavor {
             Flavor::Chat => Json(ChatCompletion {
                 id: self.id.clone(),
@@ -79,11 +89,7 @@ impl Meta {
                 model: self.model.clone(),
                 choices: vec![ChatChoice {
                     index: 0,
-                    message: AssistantMessage {
-                        role: AssistantRole::Assistant,
-                        refusal: (reason == FinishReason::ContentFilter).then(|| text.clone()),
-                        content: text,
-                    },
+                    message,
                     logprobs: None,
                     finish_reason: reason,
                 }],
@@ -116,6 +122,20 @@ impl Meta {
                 let grounding = (closing.info.status != GroundingStatus::Skipped).then_some(closing.info);
                 HelplineInfo { timings, grounding, citations: closing.citations, handoff: g.handoff.clone(), guard: closing.guard }
             }
+        }
+    }
+
+    /// For a structured output the bot did not give (a fixed refusal or handoff, or the constraints
+    /// reaching a dead end): the text for `refusal`, with `content` left null so that `content`,
+    /// when present, always parses.
+    fn structured_refusal(&self, reason: FinishReason, text: &str) -> Option<String> {
+        let g = self.grounding.as_ref().filter(|g| g.structured)?;
+        if self.fixed {
+            Some(text.to_string())
+        } else if reason == FinishReason::ContentFilter {
+            Some(g.refusal_text.clone().unwrap_or_default())
+        } else {
+            None
         }
     }
 
@@ -204,7 +224,10 @@ impl Meta {
 pub fn fixed_answer(meta: Meta, text: String, finish: FinishReason, keep_alive: Duration) -> Response {
     let timings = Timings::default();
     let mut events: Vec<SseEvent> = meta.opening().into_iter().collect();
-    if finish == FinishReason::ContentFilter && meta.flavor == Flavor::Chat {
+    if let Some(refusal) = meta.structured_refusal(finish, &text) {
+        let delta = ChatDelta { role: None, content: None, refusal: Some(refusal) };
+        events.push(json_event(&meta.chat_chunk(vec![chat_choice(delta, None)], None, None)));
+    } else if finish == FinishReason::ContentFilter && meta.flavor == Flavor::Chat {
         let delta = ChatDelta { role: None, content: Some(text.clone()), refusal: Some(text) };
         events.push(json_event(&meta.chat_chunk(vec![chat_choice(delta, None)], None, None)));
     } else {
@@ -355,7 +378,8 @@ fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl St
                         s.pending.push_back(s.meta.content(text));
                     }
                     if reason == FinishReason::ContentFilter {
-                        s.pending.push_back(s.meta.refusal(s.answer.clone()));
+                        let refusal = s.meta.structured_refusal(reason, &s.answer).unwrap_or_else(|| s.answer.clone());
+                        s.pending.push_back(s.meta.refusal(refusal));
                     }
                     s.pending.push_back(s.meta.finish(reason, &timings, closing));
                     if s.meta.include_usage {

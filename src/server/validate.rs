@@ -3,7 +3,8 @@
 //! to the room the prompt leaves in the model's context (the answer then ends with `length`).
 
 use crate::config::ServeConfig;
-use crate::engine::{Job, ModelBundle};
+use crate::engine::{Job, JobGuard, ModelBundle};
+use crate::guard::grammar::{CompiledGuard, Constraint, GuardError, GuardLimits};
 use crate::retrieval::Filters;
 use crate::sampler::{ParamError, SamplingParams};
 use crate::tokenizer::{ChatMessage, TokenizerError};
@@ -36,6 +37,27 @@ pub struct ValidSampling {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// `response_format` / `helpline.grammar`, checked but not compiled.
+    pub structure: Option<StructureSpec>,
+}
+
+/// A client's structured-output request (`response_format` or `helpline.grammar`).
+#[derive(Debug, Clone)]
+pub struct StructureSpec {
+    pub constraint: Constraint,
+    /// The request field it came from, named in errors.
+    pub param: &'static str,
+    /// `json_object`, `json_schema`, `regex` or `lark`.
+    pub kind: &'static str,
+}
+
+/// A structured-output constraint, compiled.
+#[derive(Debug, Clone)]
+pub struct Structured {
+    pub kind: &'static str,
+    /// The output is JSON (the policy filter then reads JSON escapes).
+    pub json: bool,
+    pub guard: CompiledGuard,
 }
 
 /// A chat request checked but not yet rendered: grounding decides the final messages.
@@ -47,6 +69,8 @@ pub struct ValidChat {
     pub grounding: Option<Filters>,
     /// Quote mode (grounded answers only).
     pub quote: bool,
+    /// The client's structured-output constraint, compiled (the policy pack is added per turn).
+    pub structured: Option<Structured>,
 }
 
 /// `POST /v1/chat/completions`: model, sampling, messages and the grounding choice.
@@ -56,12 +80,20 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> 
     let messages = chat_messages(req.messages.as_deref().unwrap_or_default())?;
     let ext = req.helpline.clone().unwrap_or_default();
     let grounded = ext.grounding.unwrap_or(cfg.grounding.enabled);
+    let structured = sampling.structure.as_ref().map(|s| compile_structure(s, cfg, loaded)).transpose()?;
     let quote = match ext.quote {
         Some(true) if !grounded => {
             return Err(ApiError::invalid_field("helpline.quote", "`helpline.quote` needs grounding on: quotes come from the retrieved passages"))
         }
+        Some(true) if structured.is_some() => {
+            return Err(ApiError::invalid_field(
+                "helpline.quote",
+                "`helpline.quote` cannot be combined with `response_format` or `helpline.grammar`: a quoted answer is text",
+            ))
+        }
         Some(q) => q,
-        None => grounded && cfg.grounding.quote_mode,
+        // The server's quote mode applies to text answers only.
+        None => grounded && cfg.grounding.quote_mode && structured.is_none(),
     };
     let grounding = if grounded {
         if messages.last().map(|m| m.role.as_str()) != Some("user") {
@@ -78,7 +110,7 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> 
         }
         None
     };
-    Ok(ValidChat { sampling, messages, grounding, quote })
+    Ok(ValidChat { sampling, messages, grounding, quote, structured })
 }
 
 /// Renders chat messages with the model's template and fits the prompt to the context.
@@ -178,7 +210,92 @@ pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -
     if prompt.is_empty() {
         return Err(ApiError::invalid_field("prompt", "`prompt` must not be empty"));
     }
-    finish(prompt, sampling, cfg, loaded.engine.max_positions())
+    let structured = sampling.structure.as_ref().map(|s| compile_structure(s, cfg, loaded)).transpose()?;
+    let mut valid = finish(prompt, sampling, cfg, loaded.engine.max_positions())?;
+    // Text completions are for developers: the client's constraint alone (the policy pack governs
+    // the support bot's chat answers).
+    valid.job.guard = structured.map(|s| JobGuard(Box::new(s.guard.matcher())));
+    Ok(valid)
+}
+
+/// `response_format` and `helpline.grammar`: at most one, of a known type, with what it needs.
+pub fn structure(f: &SamplingFields) -> Result<Option<StructureSpec>, ApiError> {
+    let grammar = f.helpline.as_ref().and_then(|h| h.grammar.as_ref());
+    let format = f.response_format.as_ref().filter(|r| r.kind.as_deref() != Some("text"));
+    let spec = match (format, grammar) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_field(
+                "helpline.grammar",
+                "give either `response_format` or `helpline.grammar`, not both",
+            ))
+        }
+        (None, None) => return Ok(None),
+        (Some(rf), None) => match rf.kind.as_deref() {
+            None => return Err(ApiError::invalid_field("response_format.type", "`response_format.type` is required: `text`, `json_object` or `json_schema`")),
+            Some("json_object") => StructureSpec { constraint: Constraint::JsonObject, param: "response_format", kind: "json_object" },
+            Some("json_schema") => {
+                let js = rf.json_schema.as_ref().ok_or_else(|| {
+                    ApiError::invalid_field("response_format.json_schema", "`response_format.json_schema` is required with `type: json_schema`")
+                })?;
+                if let Some(name) = &js.name {
+                    let ok = (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                    if !ok {
+                        return Err(ApiError::invalid_field(
+                            "response_format.json_schema.name",
+                            "`response_format.json_schema.name` must be 1 to 64 characters of a-z A-Z 0-9 _ -",
+                        ));
+                    }
+                }
+                let schema = js.schema.clone().ok_or_else(|| {
+                    ApiError::invalid_field("response_format.json_schema.schema", "`response_format.json_schema.schema` is required")
+                })?;
+                if !(schema.is_object() || schema.is_boolean()) {
+                    return Err(ApiError::invalid_field(
+                        "response_format.json_schema.schema",
+                        "`response_format.json_schema.schema` must be a JSON Schema (an object)",
+                    ));
+                }
+                let strict = js.strict.unwrap_or(false);
+                StructureSpec { constraint: Constraint::JsonSchema { schema, strict }, param: "response_format.json_schema.schema", kind: "json_schema" }
+            }
+            Some(other) => {
+                return Err(ApiError::invalid_field(
+                    "response_format.type",
+                    format!("`response_format.type` must be `text`, `json_object` or `json_schema` (got {other:?})"),
+                ))
+            }
+        },
+        (None, Some(g)) => match (&g.regex, &g.lark) {
+            (Some(rx), None) => StructureSpec { constraint: Constraint::Regex(rx.clone()), param: "helpline.grammar.regex", kind: "regex" },
+            (None, Some(lark)) => StructureSpec { constraint: Constraint::Lark(lark.clone()), param: "helpline.grammar.lark", kind: "lark" },
+            _ => return Err(ApiError::invalid_field("helpline.grammar", "`helpline.grammar` needs exactly one of `regex` and `lark`")),
+        },
+    };
+    Ok(Some(spec))
+}
+
+/// Compiles a client's constraint under the operator's limits. Every failure is a 400 naming the
+/// field and the problem (and the setting, for a limit); generation never runs without it.
+pub fn compile_structure(spec: &StructureSpec, cfg: &ServeConfig, loaded: &Loaded) -> Result<Structured, ApiError> {
+    let limits = GuardLimits {
+        max_grammar_bytes: cfg.grammar.max_bytes,
+        max_depth: cfg.grammar.max_depth,
+        compile_budget: cfg.grammar.compile_budget,
+        ..GuardLimits::default()
+    };
+    let guard = loaded.guard.compile_within(&spec.constraint, &limits).map_err(|e| {
+        let (code, hint) = match &e {
+            GuardError::TooLarge { .. } => ("grammar_too_large", " (the server's `max_grammar_bytes` setting)"),
+            GuardError::TooDeep { .. } => ("grammar_too_deep", " (the server's `max_grammar_depth` setting)"),
+            GuardError::TooSlow { .. } => ("grammar_too_slow", " (the server's `grammar_compile_ms` setting); simplify it"),
+            GuardError::Regex(_) | GuardError::Lark(_) | GuardError::JsonSchema(_) | GuardError::Empty => ("invalid_grammar", ""),
+            _ => return ApiError::internal(format!("compiling `{}` failed: {e}", spec.param)),
+        };
+        let mut err = ApiError::bad_request(code, format!("`{}`: {e}{hint}", spec.param));
+        err.param = Some(spec.param.to_string());
+        err
+    })?;
+    Ok(Structured { kind: spec.kind, json: matches!(spec.constraint, Constraint::JsonObject | Constraint::JsonSchema { .. }), guard })
 }
 
 fn finish(prompt: Vec<u32>, s: ValidSampling, cfg: &ServeConfig, max_positions: usize) -> Result<ValidGeneration, ApiError> {
@@ -305,6 +422,7 @@ pub fn sampling(f: &SamplingFields, cfg: &ServeConfig) -> Result<ValidSampling, 
         stop: stop_strings(f.stop.as_ref())?,
         stream: f.stream.unwrap_or(false),
         include_usage: f.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+        structure: structure(f)?,
     })
 }
 

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use helpline::guard::grammar::{CompiledGuard, Constraint, Forbidden, GuardCompiler, GuardError, GuardLimits, GuardMatcher, PolicyGrammar};
+use helpline::guard::grammar::{CompiledGuard, Constraint, Forbidden, GuardCompiler, GuardError, GuardLimits, GuardMatcher, PolicyGrammar, Shape};
 use helpline::tokenizer::{TokenType, Tokenizer};
 use rand::{Rng, SeedableRng};
 
@@ -36,7 +36,7 @@ fn policy(citations: usize) -> PolicyGrammar {
         forbidden: PHRASES.iter().map(|p| Forbidden::phrase("no-promises", p)).collect(),
         citations,
         refusal: REFUSAL.to_string(),
-        quote_sources: None,
+        shape: Shape::Answer,
     }
 }
 
@@ -375,7 +375,7 @@ fn quote_mode_allows_verbatim_sentences_with_their_marker_only() {
         "Refunds go back to the original payment method. They take 5 to 10 business days.".to_string(),
         "Downgrades take effect at the end of the current billing period. We guarantee nothing else.".to_string(),
     ];
-    let p = PolicyGrammar { quote_sources: Some(passages), ..policy(2) };
+    let p = PolicyGrammar { shape: Shape::Quote(passages), ..policy(2) };
     let guard = smollm2_compiler().compile(&Constraint::Policy(p)).unwrap();
     assert!(!guard.grammar_text().contains("We guarantee nothing"), "a sentence with a forbidden phrase is not quotable");
     let good = "According to our help center, \"Refunds go back to the original payment method.\" [1] Also, \"Downgrades take effect at the end of the current billing period.\" [2]";
@@ -530,8 +530,8 @@ fn gemma3_tokenizer_blocks_phrases_too() {
 /// where there is no neighbouring character; the word inside another word stays allowed.
 #[test]
 fn whole_word_patterns_hold_at_the_edges_of_the_answer() {
-    use helpline::guard::grammar::{Constraint, Forbidden, PolicyGrammar};
-    let g = PolicyGrammar { forbidden: vec![Forbidden::regex("c", "[^a-z]sage[^a-z]")], citations: 0, refusal: "No.".into(), quote_sources: None };
+    use helpline::guard::grammar::{Constraint, Forbidden, PolicyGrammar, Shape};
+    let g = PolicyGrammar { forbidden: vec![Forbidden::regex("c", "[^a-z]sage[^a-z]")], citations: 0, refusal: "No.".into(), shape: Shape::Answer };
     let compiled = crate::support::guard_compiler().compile(&Constraint::Policy(g)).unwrap();
     let tok = &crate::support::smollm2_bundle().tokenizer;
     // (text, every token accepted, may end there)
@@ -547,3 +547,137 @@ fn whole_word_patterns_hold_at_the_edges_of_the_answer() {
     }
 }
 
+
+/// Feeds `text` token by token; returns the matcher and whether every token was accepted.
+fn feed(mut m: GuardMatcher, tok: &Tokenizer, text: &str) -> (GuardMatcher, bool) {
+    for id in tok.encode(text, false).unwrap() {
+        if m.accept(id).is_err() {
+            return (m, false);
+        }
+    }
+    (m, true)
+}
+
+/// The shipped pack's bounds: refund windows and amounts only as the refund policy states them,
+/// enforced by the answer grammar itself, under every tokenization of the value.
+#[test]
+fn shipped_bounds_allow_the_documented_values_only() {
+    let tok = smollm2_tokenizer();
+    let policy = crate::support::policy();
+    let compiler = crate::support::guard_compiler();
+    let fresh = || policy.answer_guard(&compiler, 3).unwrap().matcher;
+    for ok in [
+        "Monthly plans can get a refund within 14 days of the charge [1].",
+        "Annual plans have a 30-day refund window.",
+        "Refunds arrive in about 5 business days.",
+        "Refunds over $500 need approval from the billing lead.",
+        "Refunds of $1,200. That is the limit for annual plans.",
+        "Exports are kept for 60 days. Refunds follow the policy.",
+    ] {
+        let (m, all) = feed(fresh(), tok, ok);
+        assert!(all && m.is_accepting(), "{ok:?} must pass");
+    }
+    let sp = spellings();
+    for (bad, at) in [
+        ("You can get a refund within 60 days.", "60 day"),
+        ("Refunds are possible for 2 weeks.", "2 week"),
+        ("A 45-day refund window applies.", "45-day refund"),
+        // Blocked at the comma already: nothing after "$5," can be an allowed amount.
+        ("Refunds of $5,000 are approved by support.", "$5,"),
+        ("I can offer a refund within sixty days.", "sixty day"),
+    ] {
+        let (m, all) = feed(fresh(), tok, bad);
+        assert!(!all || !m.is_accepting(), "{bad:?} must be blocked");
+        // The byte where the violation completes: the last byte of `at`.
+        let end = bad.find(at).unwrap() + at.len() - 1;
+        let (checked, total) = assert_blocked(&fresh(), tok, sp, bad, end);
+        eprintln!("{bad:?}: {checked} of {total} tokenizations blocked");
+    }
+    // An amount at the very end of the answer has no character after it: it may not end the
+    // answer either (the lexer sees that no continuation can be allowed, and stops it early).
+    let (m, all) = feed(fresh(), tok, "The refund limit is $5000");
+    assert!(!all || !m.is_accepting(), "an out-of-bound amount may not end the answer");
+    let (m, all) = feed(fresh(), tok, "The refund limit is $500");
+    assert!(all && m.is_accepting(), "the documented amount may end the answer");
+}
+
+/// The pack's filter beside a client's constraint: JSON (with its escapes) and raw text.
+#[test]
+fn the_policy_filter_holds_inside_structured_outputs() {
+    let tok = smollm2_tokenizer();
+    let compiler = crate::support::guard_compiler();
+    let policy = crate::support::policy();
+    let obj = compiler.compile(&Constraint::JsonObject).unwrap();
+    let both = || policy.structured_guard(&compiler, &obj, true).unwrap().matcher;
+
+    let (m, all) = feed(both(), tok, r#"{"reply": "Refunds follow the refund policy [1].", "ok": true}"#);
+    assert!(all && m.is_accepting(), "brackets and plain answers pass");
+    let sp = spellings();
+    let bad = r#"{"reply": "Good news, I will refund you."}"#;
+    let end = bad.find("refund").unwrap() + "refund".len() - 1;
+    assert_blocked(&both(), tok, sp, bad, end);
+    // JSON escapes cannot spell a phrase past the filter: `\n` separates words, `\u` is refused.
+    let bad = r#"{"reply": "I will\nrefund you"}"#;
+    let end = bad.find("refund").unwrap() + "refund".len() - 1;
+    assert_blocked(&both(), tok, sp, bad, end);
+    let (_, all) = feed(both(), tok, r#"{"reply": "I will\u0020refund"}"#);
+    assert!(!all, "\\u escapes are refused");
+
+    // When the client's constraint can only continue into a forbidden phrase, the mask is a dead
+    // end (the engine ends the answer with content_filter) rather than either constraint giving way.
+    let forced = compiler.compile(&Constraint::Regex("We guarantee it".into())).unwrap();
+    let mut m = policy.structured_guard(&compiler, &forced, false).unwrap().matcher;
+    let mut logits = vec![0f32; tok.vocab_size()];
+    let mut steps = 0;
+    let err = loop {
+        match m.fill_mask(&mut logits) {
+            Ok(_) => {
+                let id = logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, _)| i as u32).next().unwrap();
+                m.accept(id).unwrap();
+                logits.iter_mut().for_each(|l| *l = 0.0);
+                steps += 1;
+                assert!(steps < 40, "never reached the dead end");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err, GuardError::DeadEnd);
+}
+
+/// The shipped bounds and the approved docs agree: no sentence of an approved article trips a
+/// bound (otherwise quoting the docs would be blocked, and the pack would contradict them).
+#[test]
+fn shipped_bounds_admit_every_approved_article() {
+    let policy = crate::support::policy();
+    let patterns: Vec<(String, regex::Regex)> = policy
+        .pack
+        .bounds
+        .iter()
+        .flat_map(helpline::guard::bounds::forbidden)
+        .map(|f| (f.rule.clone(), regex::Regex::new(&format!("(?is){}", f.pattern)).unwrap()))
+        .collect();
+    let mut checked = 0;
+    let mut stack = vec![crate::support::root().join("docs-corpus")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            if !text.contains("\nstatus: approved") {
+                continue;
+            }
+            // As a model would copy it: without Markdown emphasis.
+            let plain = text.replace("**", "");
+            for line in plain.lines() {
+                for (rule, rx) in &patterns {
+                    assert!(!rx.is_match(line), "{}: bound `{rule}` blocks an approved line: {line:?}", path.display());
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 50, "{checked} approved articles");
+}

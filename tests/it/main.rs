@@ -19,3 +19,4 @@ mod retrieval;
 mod guard;
 mod policy;
 mod redteam;
+mod structured;

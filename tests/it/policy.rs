@@ -144,7 +144,7 @@ async fn the_pack_reloads_whole_or_not_at_all() {
     assert_eq!(content, support::policy().pack.messages.handoff, "the previous pack is still in force");
 
     // A valid new pack replaces it: a new version and a new trigger.
-    let next = shipped.replacen("version = \"2026-11-27.1\"", "version = \"test-2\"", 1).replacen("\"small claims\",", "\"small claims\", \"ombudsman\",", 1);
+    let next = shipped.replacen("version = \"2026-11-27.2\"", "version = \"test-2\"", 1).replacen("\"small claims\",", "\"small claims\", \"ombudsman\",", 1);
     std::fs::write(&file, next).unwrap();
     let resp = server.post_json("/v1/policy/reload", &json!({})).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
