@@ -17,3 +17,4 @@ pub mod bench_serve;
 pub mod cli;
 pub mod config;
 pub mod server;
+pub mod webhook;

@@ -20,3 +20,4 @@ mod guard;
 mod policy;
 mod redteam;
 mod structured;
+mod webhook;
