@@ -18,3 +18,4 @@ pub mod cli;
 pub mod config;
 pub mod server;
 pub mod webhook;
+pub mod store;

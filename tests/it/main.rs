@@ -21,3 +21,4 @@ mod policy;
 mod redteam;
 mod structured;
 mod webhook;
+mod store;
