@@ -39,6 +39,48 @@ pub struct ServeConfig {
     pub config_file: Option<PathBuf>,
     pub grounding: GroundingConfig,
     pub grammar: GrammarLimits,
+    pub conversations: ConversationsConfig,
+}
+
+/// Where conversations are stored, who may read them, and where handoffs are sent.
+#[derive(Debug, Clone)]
+pub struct ConversationsConfig {
+    /// SQLite's directory (`helpline.db` inside), and where KB drafts' approvals are recorded.
+    pub data_dir: PathBuf,
+    /// `postgres://...` to share one database between replicas; none: SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// SQLite `synchronous`: `full` (default: every commit reaches the disk) or `normal`.
+    pub store_sync: String,
+    /// Conversations untouched for this many days are purged (0: kept until deleted).
+    pub retention_days: u64,
+    /// sha256 digests of the agent keys: agent routes (conversations, assist, KB drafts, audit)
+    /// need one of them; with none configured those routes are refused.
+    pub agent_key_hashes: Vec<[u8; 32]>,
+    /// Handoff summaries are POSTed here (signed); none: not sent.
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub webhook_max_attempts: u32,
+    pub webhook_initial_backoff: Duration,
+    pub webhook_max_backoff: Duration,
+    pub webhook_timeout: Duration,
+}
+
+impl Default for ConversationsConfig {
+    fn default() -> Self {
+        ConversationsConfig {
+            data_dir: PathBuf::from("data"),
+            database_url: None,
+            store_sync: "full".into(),
+            retention_days: 365,
+            agent_key_hashes: Vec::new(),
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_max_attempts: 8,
+            webhook_initial_backoff: Duration::from_millis(500),
+            webhook_max_backoff: Duration::from_secs(300),
+            webhook_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Bounds on the structured-output constraints clients send (`response_format`, `helpline.grammar`):
@@ -135,6 +177,7 @@ impl Default for ServeConfig {
             config_file: None,
             grounding: GroundingConfig::default(),
             grammar: GrammarLimits::default(),
+            conversations: ConversationsConfig::default(),
         }
     }
 }
@@ -243,6 +286,43 @@ pub struct ServeArgs {
     /// Longest a request's structured-output constraint may take to compile, in milliseconds (default 500).
     #[arg(long)]
     pub grammar_compile_ms: Option<u64>,
+    /// Where conversations are stored with SQLite (default data).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `postgres://user@host/db` to store conversations in PostgreSQL (several replicas); default: SQLite in data_dir.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// SQLite durability: `full` (default) or `normal`.
+    #[arg(long)]
+    pub store_sync: Option<String>,
+    /// Purge conversations untouched for this many days (default 365; 0 keeps them until deleted).
+    #[arg(long)]
+    pub retention_days: Option<u64>,
+    /// Accept this key for agent routes (conversations, assist, KB drafts, audit); repeatable. Without one
+    /// those routes are refused.
+    #[arg(long = "agent-api-key", value_name = "KEY")]
+    pub agent_api_key: Vec<String>,
+    /// File of agent keys as sha256 hex digests, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub agent_api_keys_file: Option<PathBuf>,
+    /// POST handoff summaries to this http:// URL (signed with handoff_webhook_secret).
+    #[arg(long, value_name = "URL")]
+    pub handoff_webhook_url: Option<String>,
+    /// Secret (at least 16 bytes) the webhook signature is made with.
+    #[arg(long)]
+    pub handoff_webhook_secret: Option<String>,
+    /// Attempts before a webhook delivery is dead-lettered (default 8).
+    #[arg(long)]
+    pub webhook_max_attempts: Option<u64>,
+    /// First retry delay in milliseconds, doubled per attempt (default 500).
+    #[arg(long)]
+    pub webhook_initial_backoff_ms: Option<u64>,
+    /// Longest retry delay in milliseconds (default 300000).
+    #[arg(long)]
+    pub webhook_max_backoff_ms: Option<u64>,
+    /// Time allowed per webhook attempt in milliseconds (default 10000).
+    #[arg(long)]
+    pub webhook_timeout_ms: Option<u64>,
 }
 
 /// Where a setting's value came from; errors name it.
@@ -315,6 +395,18 @@ pub const SETTINGS: &[&str] = &[
     "max_grammar_bytes",
     "max_grammar_depth",
     "grammar_compile_ms",
+    "data_dir",
+    "database_url",
+    "store_sync",
+    "retention_days",
+    "agent_api_key",
+    "agent_api_keys_file",
+    "handoff_webhook_url",
+    "handoff_webhook_secret",
+    "webhook_max_attempts",
+    "webhook_initial_backoff_ms",
+    "webhook_max_backoff_ms",
+    "webhook_timeout_ms",
 ];
 
 /// The environment variable for a setting: `HELPLINE_` + its name in upper case.
@@ -422,6 +514,70 @@ pub fn load_with_env(
         policy_file: path("policy_file")?.unwrap_or(g.policy_file),
         quote_mode: r.bool("quote_mode")?.unwrap_or(g.quote_mode),
     };
+    let cd = defaults.conversations.clone();
+    let mut agent_key_hashes = Vec::new();
+    if let Some((raw, src)) = r.pick("agent_api_key") {
+        for key in raw.list("agent_api_key", &src)? {
+            check_key(&key).map_err(|m| ConfigError::new("agent_api_key", Some(src.clone()), m))?;
+            agent_key_hashes.push(crate::server::auth::digest(&key));
+        }
+    }
+    if let Some((raw, src)) = r.pick("agent_api_keys_file") {
+        let path = PathBuf::from(raw.single("agent_api_keys_file", &src)?);
+        let hashes = read_key_digests(&path).map_err(|m| ConfigError::new("agent_api_keys_file", Some(src), m))?;
+        agent_key_hashes.extend(hashes);
+    }
+    agent_key_hashes.sort_unstable();
+    agent_key_hashes.dedup();
+    let database_url = match r.pick("database_url") {
+        Some((raw, src)) => {
+            let url = raw.single("database_url", &src)?;
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::new(
+                    "database_url",
+                    Some(src),
+                    "expected a PostgreSQL URL (postgres://user@host:port/db); leave it out to use SQLite in data_dir",
+                ));
+            }
+            Some(url)
+        }
+        None => None,
+    };
+    let store_sync = match r.pick("store_sync") {
+        Some((raw, src)) => {
+            let v = raw.single("store_sync", &src)?;
+            if v != "full" && v != "normal" {
+                return Err(ConfigError::new("store_sync", Some(src), format!("expected `full` or `normal` (got `{}`)", shown(&v))));
+            }
+            v
+        }
+        None => cd.store_sync.clone(),
+    };
+    let webhook_url = r.text("handoff_webhook_url", 2048)?;
+    let webhook_secret = r.text("handoff_webhook_secret", 512)?;
+    let ms = |name: &str, lo: u64, hi: u64, default: Duration| -> Result<Duration, ConfigError> {
+        Ok(r.int(name, lo, hi)?.map(Duration::from_millis).unwrap_or(default))
+    };
+    let conversations = ConversationsConfig {
+        data_dir: path("data_dir")?.unwrap_or(cd.data_dir),
+        database_url,
+        store_sync,
+        retention_days: r.int("retention_days", 0, 36_500)?.unwrap_or(cd.retention_days),
+        agent_key_hashes,
+        webhook_url,
+        webhook_secret,
+        webhook_max_attempts: r.int("webhook_max_attempts", 1, 100)?.map(|v| v as u32).unwrap_or(cd.webhook_max_attempts),
+        webhook_initial_backoff: ms("webhook_initial_backoff_ms", 1, 3_600_000, cd.webhook_initial_backoff)?,
+        webhook_max_backoff: ms("webhook_max_backoff_ms", 1, 86_400_000, cd.webhook_max_backoff)?,
+        webhook_timeout: ms("webhook_timeout_ms", 1, 600_000, cd.webhook_timeout)?,
+    };
+    if conversations.webhook_url.is_some() != conversations.webhook_secret.is_some() {
+        return Err(ConfigError::new(
+            "handoff_webhook_secret",
+            None,
+            "give `handoff_webhook_url` and `handoff_webhook_secret` together (the payload is signed with the secret)",
+        ));
+    }
     let gl = defaults.grammar.clone();
     let grammar = GrammarLimits {
         max_bytes: get("max_grammar_bytes", 64, 16 * MIB, gl.max_bytes)?,
@@ -432,6 +588,7 @@ pub fn load_with_env(
     Ok(ServeConfig {
         grounding,
         grammar,
+        conversations,
         model,
         model_id,
         host,
@@ -534,6 +691,18 @@ impl Resolver<'_> {
             "max_grammar_bytes" => int(a.max_grammar_bytes.map(|v| v as u64)),
             "max_grammar_depth" => int(a.max_grammar_depth.map(|v| v as u64)),
             "grammar_compile_ms" => int(a.grammar_compile_ms),
+            "data_dir" => a.data_dir.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "database_url" => a.database_url.clone().map(Raw::Text),
+            "store_sync" => a.store_sync.clone().map(Raw::Text),
+            "retention_days" => int(a.retention_days),
+            "agent_api_key" => list(&a.agent_api_key),
+            "agent_api_keys_file" => a.agent_api_keys_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "handoff_webhook_url" => a.handoff_webhook_url.clone().map(Raw::Text),
+            "handoff_webhook_secret" => a.handoff_webhook_secret.clone().map(Raw::Text),
+            "webhook_max_attempts" => int(a.webhook_max_attempts),
+            "webhook_initial_backoff_ms" => int(a.webhook_initial_backoff_ms),
+            "webhook_max_backoff_ms" => int(a.webhook_max_backoff_ms),
+            "webhook_timeout_ms" => int(a.webhook_timeout_ms),
             _ => None,
         }
     }

@@ -42,18 +42,52 @@ pub fn is_authorized(headers: &HeaderMap, accepted: &[[u8; 32]]) -> bool {
     found.into()
 }
 
-/// Routes anyone may call without a key: the liveness probe only.
+/// Routes anyone may call without a key: the liveness probe, the customer chat page and the agent
+/// console (their scripts then call the API with a key), and the approved articles.
 pub fn is_public(method: &Method, path: &str) -> bool {
     // The chat page and the articles it links to are what a customer's browser loads before it
     // can hold a key; they serve only the approved help-center content.
     (method == Method::GET || method == Method::HEAD)
-        && (path == "/health" || path == "/" || path.starts_with("/assets/") || path.starts_with("/kb/"))
+        && (path == "/health" || path == "/" || path == "/agent" || path.starts_with("/assets/") || path.starts_with("/kb/"))
 }
 
-/// Middleware: 401 in the error table's shape unless the request carries an accepted key.
+/// Routes for support agents (their own key scope): conversations, customers' data, agent assist,
+/// KB drafts, audit and replay. A customer may still hand its own conversation over and leave
+/// feedback (those two routes are in the customer scope).
+pub fn is_agent_route(method: &Method, path: &str) -> bool {
+    let customer_side = *method == Method::POST
+        && ((path.starts_with("/v1/conversations/") && (path.ends_with("/handoff") || path.ends_with("/feedback")))
+            || (path.starts_with("/v1/answers/") && path.ends_with("/feedback")));
+    if customer_side {
+        return false;
+    }
+    ["/v1/conversations", "/v1/customers/", "/v1/assist/", "/v1/kb/", "/v1/answers/"].iter().any(|p| path == p.trim_end_matches('/') || path.starts_with(p))
+}
+
+/// Middleware: agent routes need an agent key (and are refused when none is configured); the rest
+/// need an API key or an agent key when API keys are configured. Errors are the error table's.
 pub async fn require_key(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let (method, path) = (req.method(), req.uri().path());
+    if is_public(method, path) {
+        return next.run(req).await;
+    }
+    let agents = &state.config.conversations.agent_key_hashes;
+    let agent = !agents.is_empty() && is_authorized(req.headers(), agents);
+    if is_agent_route(method, path) {
+        if agents.is_empty() {
+            return ApiError::forbidden(
+                "agent_routes_disabled",
+                "agent routes are off: configure an agent key (`--agent-api-key` or `agent_api_keys_file`)",
+            )
+            .into_response();
+        }
+        if agent {
+            return next.run(req).await;
+        }
+        return ApiError::unauthorized().into_response();
+    }
     let hashes = &state.config.api_key_hashes;
-    if hashes.is_empty() || is_public(req.method(), req.uri().path()) || is_authorized(req.headers(), hashes) {
+    if hashes.is_empty() || agent || is_authorized(req.headers(), hashes) {
         return next.run(req).await;
     }
     ApiError::unauthorized().into_response()

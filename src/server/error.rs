@@ -115,6 +115,31 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, "invalid_request_error", code, message)
     }
 
+    /// 403: the key is valid but not for this route (customer keys on agent routes).
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", code, message)
+    }
+
+    /// The conversation store's errors: 404, 409, 400 naming the field, 503 when it is down.
+    pub fn store(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::NotFound { .. } => Self::not_found("not_found", e.to_string()),
+            StoreError::Conflict(_) => Self::conflict("conflict", e.to_string()),
+            StoreError::Invalid { field, .. } => {
+                let mut err = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_value", e.to_string());
+                err.param = Some(field.to_string());
+                err
+            }
+            StoreError::Unavailable(_) => {
+                let mut err = Self::unavailable("store_unavailable", format!("{e}; the turn was not taken, retry later"));
+                err.retry_after = Some(2);
+                err
+            }
+            StoreError::Backend(_) => Self::internal(e),
+        }
+    }
+
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(detail = %detail, "internal error");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", "the server failed to handle this request")

@@ -132,6 +132,8 @@ async fn run(mut cfg: ServeConfig) -> anyhow::Result<(anyhow::Result<()>, Shared
     }
 
     let state = AppState::new(cfg.clone());
+    // Conversations are stored before anything is answered: no store, no server.
+    super::conversations::open(&state).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let app = super::router(state.clone());
 
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();

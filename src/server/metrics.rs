@@ -14,6 +14,8 @@ const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 /// Upper bounds (seconds) of the retrieval latency buckets.
 const RETRIEVAL_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+/// Upper bounds (seconds) of the conversation-store write buckets.
+const STORE_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -32,6 +34,13 @@ pub struct Metrics {
     /// (policy rule id, action) -> times it fired.
     guard_rules: Mutex<BTreeMap<(String, &'static str), u64>>,
     policy_reloads: Mutex<BTreeMap<&'static str, u64>>,
+    /// Handoffs started by this process, by reason code.
+    handoffs: Mutex<BTreeMap<String, u64>>,
+    resolutions: AtomicU64,
+    /// (kind `answer`/`conversation`, value `helpful`/`not_helpful`/`resolved`/`unresolved`) -> count.
+    feedback: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Time the chat handler spent writing a turn to the store (the latency storing adds).
+    store_writes: Histogram,
 }
 
 impl Default for Metrics {
@@ -49,6 +58,10 @@ impl Default for Metrics {
             index_reloads: Mutex::new(BTreeMap::new()),
             guard_rules: Mutex::new(BTreeMap::new()),
             policy_reloads: Mutex::new(BTreeMap::new()),
+            handoffs: Mutex::new(BTreeMap::new()),
+            resolutions: AtomicU64::new(0),
+            feedback: Mutex::new(BTreeMap::new()),
+            store_writes: Histogram::new(STORE_BUCKETS),
         }
     }
 }
@@ -119,6 +132,68 @@ impl Metrics {
         *map.entry(outcome).or_insert(0) += 1;
     }
 
+    pub fn handoff(&self, reason: &str) {
+        let mut map = self.handoffs.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(reason.to_string()).or_insert(0) += 1;
+    }
+
+    pub fn resolution(&self) {
+        self.resolutions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn feedback(&self, kind: &'static str, fb: &crate::store::Feedback) {
+        let mut map = self.feedback.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = fb.helpful {
+            *map.entry((kind, if h { "helpful" } else { "not_helpful" })).or_insert(0) += 1;
+        }
+        if let Some(r) = fb.resolved {
+            *map.entry((kind, if r { "resolved" } else { "unresolved" })).or_insert(0) += 1;
+        }
+    }
+
+    pub fn observe_store_write(&self, secs: f64) {
+        self.store_writes.observe(secs);
+    }
+
+    /// Counts and rates over the whole conversation store (every replica's turns, when shared),
+    /// read at scrape time; and the handoff webhook's counters.
+    pub fn render_store(&self, out: &mut String, c: &crate::store::Counts, webhook: Option<crate::webhook::WebhookStats>) {
+        use crate::store::Role;
+        header(out, "helpline_conversations", "gauge", "Stored conversations, by status.");
+        for (status, n) in [("open", c.conversations.open), ("handed_off", c.conversations.handed_off), ("resolved", c.conversations.resolved)] {
+            let _ = writeln!(out, "helpline_conversations{{status=\"{status}\"}} {n}");
+        }
+        header(out, "helpline_stored_answers", "gauge", "Stored bot answers, by outcome (stop, length, content_filter, refused, handoff, client_disconnected, error, interrupted).");
+        let mut by: BTreeMap<String, i64> = BTreeMap::new();
+        for t in c.turns.iter().filter(|t| t.role == Role::Bot) {
+            let key = t.finish_reason.clone().unwrap_or_else(|| format!("{:?}", t.state).to_lowercase());
+            *by.entry(key).or_insert(0) += t.count;
+        }
+        for (outcome, n) in &by {
+            let _ = writeln!(out, "helpline_stored_answers{{outcome=\"{}\"}} {n}", escape_label(outcome));
+        }
+        let answers = c.answers().max(0) as f64;
+        let refusals = (by.get("refused").copied().unwrap_or(0) + by.get("content_filter").copied().unwrap_or(0)) as f64;
+        let total = c.conversations.total.max(0) as f64;
+        let rate = |n: f64, d: f64| if d > 0.0 { n / d } else { 0.0 };
+        header(out, "helpline_refusal_rate", "gauge", "Share of stored answers that were refusals (no relevant docs, or the policy).");
+        let _ = writeln!(out, "helpline_refusal_rate {}", rate(refusals, answers));
+        header(out, "helpline_handoff_rate", "gauge", "Share of stored conversations handed to a person.");
+        let _ = writeln!(out, "helpline_handoff_rate {}", rate(c.conversations.handed_off as f64, total));
+        header(out, "helpline_resolution_rate", "gauge", "Share of stored conversations marked resolved.");
+        let _ = writeln!(out, "helpline_resolution_rate {}", rate(c.conversations.resolved as f64, total));
+        let fb = &c.answer_feedback;
+        header(out, "helpline_helpful_rate", "gauge", "Share of answer feedback that said helpful.");
+        let _ = writeln!(out, "helpline_helpful_rate {}", rate(fb.helpful as f64, (fb.helpful + fb.not_helpful) as f64));
+        header(out, "helpline_webhook_deliveries", "gauge", "Handoff webhook deliveries in the store, by status.");
+        for (status, n) in [("pending", c.deliveries.pending), ("delivered", c.deliveries.delivered), ("dead", c.deliveries.dead)] {
+            let _ = writeln!(out, "helpline_webhook_deliveries{{status=\"{status}\"}} {n}");
+        }
+        if let Some(w) = webhook {
+            counter(out, "helpline_webhook_retries_total", "Webhook attempts that failed and were retried (this process).", w.retried);
+        }
+    }
+
     /// The exposition text; `engine` is `None` until the model has loaded (`helpline_ready` 0).
     pub fn render(&self, engine: Option<&EngineStats>) -> String {
         self.render_with(engine, engine.is_some())
@@ -173,6 +248,22 @@ impl Metrics {
         header(&mut out, "helpline_guard_mask_seconds_max", "gauge", "Longest single token mask computation.");
         let _ = writeln!(out, "helpline_guard_mask_seconds_max {}", load(|s| s.mask_nanos_max.load(Ordering::Relaxed)) as f64 / 1e9);
         counter(&mut out, "helpline_completed_total", "Generations that ran to their end.", load(|s| s.completed_total.load(Ordering::Relaxed)));
+        header(&mut out, "helpline_handoffs_total", "counter", "Conversations handed to a person by this process, by reason code.");
+        {
+            let map = self.handoffs.lock().unwrap_or_else(|e| e.into_inner());
+            for (reason, n) in map.iter() {
+                let _ = writeln!(out, "helpline_handoffs_total{{reason=\"{}\"}} {n}", escape_label(reason));
+            }
+        }
+        counter(&mut out, "helpline_resolutions_total", "Conversations marked resolved through this process.", self.resolutions.load(Ordering::Relaxed));
+        header(&mut out, "helpline_feedback_total", "counter", "Customer feedback received, by kind and value.");
+        {
+            let map = self.feedback.lock().unwrap_or_else(|e| e.into_inner());
+            for ((kind, value), n) in map.iter() {
+                let _ = writeln!(out, "helpline_feedback_total{{kind=\"{kind}\",value=\"{value}\"}} {n}");
+            }
+        }
+        self.store_writes.render(&mut out, "helpline_store_write_seconds", "Time a chat turn spent writing to the conversation store.");
         out
     }
 }

@@ -3,7 +3,10 @@
 //! `router(state)` builds the whole app (so tests can drive it on a real socket or in-process);
 //! `listen::serve` runs it with header timeouts, size caps and graceful shutdown.
 
+pub mod agent_page;
+pub mod assist;
 pub mod auth;
+pub mod conversations;
 pub mod grounding;
 pub mod knowledge;
 pub mod dto;
@@ -52,6 +55,12 @@ pub struct AppState {
     pub reindexing: tokio::sync::Mutex<()>,
     /// The policy pack in force; replaced whole on reload, never half-applied.
     policy: RwLock<Option<Arc<ActivePolicy>>>,
+    /// Where conversations are kept; chat refuses turns it cannot store.
+    store: OnceLock<crate::store::Store>,
+    /// Sends handoff summaries to the operator's system, when configured.
+    webhook: OnceLock<crate::webhook::Webhook>,
+    /// sha256 of the model file (for audit records), computed on first use.
+    model_sha256: OnceLock<String>,
 }
 
 impl AppState {
@@ -64,7 +73,41 @@ impl AppState {
             knowledge: RwLock::new(None),
             reindexing: tokio::sync::Mutex::new(()),
             policy: RwLock::new(None),
+            store: OnceLock::new(),
+            webhook: OnceLock::new(),
+            model_sha256: OnceLock::new(),
         })
+    }
+
+    /// Makes the conversation store available (once).
+    pub fn set_store(&self, store: crate::store::Store) {
+        let _ = self.store.set(store);
+    }
+
+    /// The conversation store, or 503 when none is open.
+    pub fn store(&self) -> Result<&crate::store::Store, ApiError> {
+        self.store.get().ok_or_else(|| ApiError::unavailable("store_unavailable", "the conversation store is not open; the turn was not taken"))
+    }
+
+    pub fn set_webhook(&self, webhook: crate::webhook::Webhook) {
+        let _ = self.webhook.set(webhook);
+    }
+
+    pub fn webhook(&self) -> Option<&crate::webhook::Webhook> {
+        self.webhook.get()
+    }
+
+    /// sha256 (hex) of the served model file; read once, on first use (blocking).
+    pub fn model_sha256(&self) -> Result<String, ApiError> {
+        if let Some(h) = self.model_sha256.get() {
+            return Ok(h.clone());
+        }
+        let loaded = self.loaded()?;
+        let mut file = std::fs::File::open(&loaded.bundle.path).map_err(ApiError::internal)?;
+        let mut hasher = sha2::Sha256::default();
+        std::io::copy(&mut file, &mut hasher).map_err(ApiError::internal)?;
+        let hex = format!("{:x}", sha2::Digest::finalize(hasher));
+        Ok(self.model_sha256.get_or_init(|| hex).clone())
     }
 
     /// Makes the model available to handlers; `/ready` turns 200 after this.
@@ -123,6 +166,15 @@ pub type SharedState = Arc<AppState>;
 /// The whole application: API routes, operational routes, then the cross-cutting layers
 /// (request ids and logging, metrics, auth, CORS, body limit) and the JSON 404/405 fallbacks.
 pub fn router(state: SharedState) -> Router {
-    let app = Router::new().merge(openai::routes()).merge(knowledge::routes()).merge(policy::routes()).merge(ops::routes()).merge(openapi::routes()).merge(web::routes());
+    let app = Router::new()
+        .merge(openai::routes())
+        .merge(knowledge::routes())
+        .merge(policy::routes())
+        .merge(conversations::routes())
+        .merge(assist::routes())
+        .merge(ops::routes())
+        .merge(openapi::routes())
+        .merge(web::routes())
+        .merge(agent_page::routes());
     middleware::apply(app, state.clone()).with_state(state)
 }

@@ -39,6 +39,12 @@ async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {
     let loaded = state.loaded().ok();
     let stats = loaded.map(|l| &**l.engine.stats());
     let ready = loaded.is_some_and(engine_running);
-    let body = state.metrics.render_with(stats, ready);
+    let mut body = state.metrics.render_with(stats, ready);
+    if let Ok(store) = state.store() {
+        match store.counts().await {
+            Ok(c) => state.metrics.render_store(&mut body, &c, state.webhook().map(|w| w.stats())),
+            Err(e) => tracing::warn!(error = %e, "metrics: cannot read the conversation store's counts"),
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }

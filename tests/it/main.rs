@@ -22,3 +22,6 @@ mod redteam;
 mod structured;
 mod webhook;
 mod store;
+mod conversations;
+mod assist;
+mod agent_console;

@@ -19,6 +19,9 @@ use crate::support;
 /// Longest a test waits for any one HTTP exchange before failing (instead of hanging).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The agent key every test server accepts (unless its config names its own).
+pub const AGENT_KEY: &str = "agent-key-for-tests-0123456789";
+
 /// A server on `127.0.0.1:<free port>`, running in a task of the test's runtime. Dropping it stops
 /// accepting connections (the task is aborted); [`TestServer::shutdown`] stops it gracefully.
 pub struct TestServer {
@@ -28,6 +31,8 @@ pub struct TestServer {
     pub state: SharedState,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The SQLite conversation store's directory (when the test did not give one).
+    _data: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 /// The default model (SmolLM2) behind the whole router, with an engine sized by `cfg`
@@ -49,6 +54,9 @@ pub async fn start_grounded_server(cfg: ServeConfig) -> TestServer {
 /// Points the config's docs and index directories at the shared test index, so routes that
 /// read them (reload) see the same base the state holds.
 fn grounded_config(mut cfg: ServeConfig) -> ServeConfig {
+    if cfg.conversations.agent_key_hashes.is_empty() {
+        cfg.conversations.agent_key_hashes.push(helpline::server::auth::digest(AGENT_KEY));
+    }
     let defaults = helpline::config::GroundingConfig::default();
     if cfg.grounding.index_dir == defaults.index_dir {
         cfg.grounding.index_dir = support::knowledge().0.path().to_path_buf();
@@ -61,7 +69,7 @@ fn grounded_config(mut cfg: ServeConfig) -> ServeConfig {
 
 /// The whole router with no model loaded (as while the server is still loading it).
 pub async fn start_unloaded_server(cfg: ServeConfig) -> TestServer {
-    serve_state(AppState::new(cfg)).await
+    serve_state(AppState::new(grounded_config(cfg))).await
 }
 
 /// `helpline::server::router(state)` on a fresh socket.
@@ -77,6 +85,19 @@ pub async fn serve_app(app: Router, state: SharedState) -> TestServer {
     if state.policy().is_err() {
         state.set_policy(support::policy());
     }
+    // Every chat turn is stored: a SQLite store in a fresh directory unless the config names one
+    // (a test that points `data_dir` or `database_url` somewhere keeps it).
+    let mut data = None;
+    if state.store().is_err() {
+        let mut conv = state.config.conversations.clone();
+        let defaults = helpline::config::ConversationsConfig::default();
+        if conv.data_dir == defaults.data_dir && conv.database_url.is_none() {
+            let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
+            conv.data_dir = dir.path().to_path_buf();
+            data = Some(dir);
+        }
+        helpline::server::conversations::open_with(&state, &conv).await.expect("open the conversation store");
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -88,7 +109,7 @@ pub async fn serve_app(app: Router, state: SharedState) -> TestServer {
         .await
         .expect("test server failed");
     });
-    TestServer { addr, base_url: format!("http://{addr}"), state, shutdown: Some(tx), task: Some(task) }
+    TestServer { addr, base_url: format!("http://{addr}"), state, shutdown: Some(tx), task: Some(task), _data: data }
 }
 
 /// The default model with its own engine (weights shared with the other tests in this binary).
@@ -136,6 +157,24 @@ impl TestServer {
 
     pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> HttpResponse {
         self.request("POST", path, &[("content-type", "application/json")], body.to_string().as_bytes()).await
+    }
+
+    /// GET with the agent key.
+    pub async fn agent_get(&self, path: &str) -> HttpResponse {
+        let auth = format!("Bearer {AGENT_KEY}");
+        self.request("GET", path, &[("authorization", &auth)], b"").await
+    }
+
+    /// POST JSON with the agent key.
+    pub async fn agent_post_json(&self, path: &str, body: &serde_json::Value) -> HttpResponse {
+        let auth = format!("Bearer {AGENT_KEY}");
+        self.request("POST", path, &[("content-type", "application/json"), ("authorization", &auth)], body.to_string().as_bytes()).await
+    }
+
+    /// DELETE with the agent key.
+    pub async fn agent_delete(&self, path: &str) -> HttpResponse {
+        let auth = format!("Bearer {AGENT_KEY}");
+        self.request("DELETE", path, &[("authorization", &auth)], b"").await
     }
 
     /// Opens a streaming request and returns once the response head has arrived.

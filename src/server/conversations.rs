@@ -1,0 +1,513 @@
+//! Conversations: the store opened at start-up, the agent routes that read and manage it
+//! (list, one conversation, JSON Lines export, retention purge, a customer's deletion), the
+//! handoff (summary, status, webhook), agent replies and resolution, and feedback.
+//!
+//! Chat turns are written by the chat handler (`openai.rs`); this module owns everything after.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ApiJson};
+use super::{AppState, SharedState};
+use crate::store::{
+    self, Conversation, ConversationFilter, ConversationStatus, Feedback, Handoff, Role, Store, StoreOptions, Synchronous, Turn, TurnState,
+};
+use crate::webhook::{self, BoxFuture, DeliveryLog, Webhook, WebhookConfig};
+
+pub fn routes() -> Router<SharedState> {
+    Router::new()
+        .route("/v1/conversations", get(list))
+        .route("/v1/conversations/export", get(export))
+        .route("/v1/conversations/purge", post(purge))
+        .route("/v1/conversations/{id}", get(one))
+        .route("/v1/conversations/{id}/handoff", post(customer_handoff))
+        .route("/v1/conversations/{id}/takeover", post(takeover))
+        .route("/v1/conversations/{id}/messages", post(agent_message))
+        .route("/v1/conversations/{id}/resolve", post(resolve))
+        .route("/v1/conversations/{id}/feedback", post(conversation_feedback))
+        .route("/v1/answers/{id}/feedback", post(answer_feedback))
+        .route("/v1/customers/{id}", delete(delete_customer))
+        .route("/v1/deliveries", get(deliveries))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up
+// ---------------------------------------------------------------------------------------------
+
+/// Opens the store the config names (PostgreSQL by URL, else SQLite in `data_dir`), interrupts
+/// answers a crash left pending, starts the handoff webhook (resuming its pending deliveries)
+/// and the retention task. The server does not serve chat without a store.
+pub async fn open(state: &SharedState) -> Result<(), String> {
+    open_with(state, &state.config.conversations).await
+}
+
+/// [`open`] with these settings instead of the state's own.
+pub async fn open_with(state: &AppState, c: &crate::config::ConversationsConfig) -> Result<(), String> {
+    let target = match &c.database_url {
+        Some(url) => url.clone(),
+        None => c.data_dir.display().to_string(),
+    };
+    let sync = if c.store_sync == "normal" { Synchronous::Normal } else { Synchronous::Full };
+    let opts = StoreOptions { synchronous: sync, ..StoreOptions::default() };
+    let store = Store::open(&target, opts).await.map_err(|e| format!("cannot open the conversation store: {e}"))?;
+    let interrupted = store.recover().await.map_err(|e| format!("cannot recover the conversation store: {e}"))?;
+    if interrupted > 0 {
+        eprintln!("helpline: {interrupted} answer(s) cut off by the last shutdown are marked interrupted");
+    }
+    eprintln!("helpline: conversations stored in {} ({})", redact(&target), store.backend());
+    state.set_store(store.clone());
+    if let (Some(url), Some(secret)) = (&c.webhook_url, &c.webhook_secret) {
+        let cfg = WebhookConfig {
+            url: url.clone(),
+            secret: secret.clone(),
+            max_attempts: c.webhook_max_attempts,
+            initial_backoff: c.webhook_initial_backoff,
+            max_backoff: c.webhook_max_backoff,
+            timeout: c.webhook_timeout,
+        };
+        let hook = Webhook::start(cfg, Arc::new(StoreLog(store.clone()))).map_err(|e| format!("cannot start the handoff webhook: {e}"))?;
+        state.set_webhook(hook);
+    }
+    if c.retention_days > 0 {
+        let days = c.retention_days;
+        tokio::spawn(async move {
+            loop {
+                let cutoff = store::now_ms() - (days as i64) * 86_400_000;
+                match store.purge_older_than(cutoff).await {
+                    Ok(r) if r.conversations > 0 => {
+                        tracing::info!(conversations = r.conversations, turns = r.turns, days, "retention purge")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "retention purge failed"),
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        });
+    }
+    Ok(())
+}
+
+/// A database URL without its password.
+fn redact(target: &str) -> String {
+    match (target.find("://"), target.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &target[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &target[..scheme + 3], user, &target[at + 1..])
+        }
+        _ => target.to_string(),
+    }
+}
+
+/// The webhook's deliveries live in the conversation store (so they survive restarts and replicas
+/// see one outbox).
+struct StoreLog(Store);
+
+fn convert<A: Serialize, B: serde::de::DeserializeOwned>(a: &A) -> Result<B, String> {
+    serde_json::to_value(a).and_then(serde_json::from_value).map_err(|e| e.to_string())
+}
+
+impl DeliveryLog for StoreLog {
+    fn save(&self, d: &webhook::Delivery) -> BoxFuture<'_, Result<(), String>> {
+        let d: Result<store::Delivery, String> = convert(d);
+        Box::pin(async move { self.0.save_delivery(&d?).await.map_err(|e| e.to_string()) })
+    }
+
+    fn pending(&self, limit: usize) -> BoxFuture<'_, Result<Vec<webhook::Delivery>, String>> {
+        Box::pin(async move {
+            let rows = self.0.pending_deliveries(limit.min(u32::MAX as usize) as u32).await.map_err(|e| e.to_string())?;
+            rows.iter().map(convert).collect()
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+// ---------------------------------------------------------------------------------------------
+
+/// Query of the list and export routes.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    /// `open`, `handed_off` or `resolved`.
+    pub status: Option<String>,
+    pub customer_id: Option<String>,
+    pub updated_after_ms: Option<i64>,
+    pub updated_before_ms: Option<i64>,
+    /// 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+fn filter(q: &ListQuery) -> Result<ConversationFilter, ApiError> {
+    let status = match q.status.as_deref() {
+        None => None,
+        Some("open") => Some(ConversationStatus::Open),
+        Some("handed_off") => Some(ConversationStatus::HandedOff),
+        Some("resolved") => Some(ConversationStatus::Resolved),
+        Some(other) => {
+            return Err(ApiError::invalid_field("status", format!("`status` must be `open`, `handed_off` or `resolved` (got {other:?})")))
+        }
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid_field("limit", format!("`limit` must be in [1, 500] (got {limit})")));
+    }
+    Ok(ConversationFilter {
+        status,
+        customer_id: q.customer_id.clone(),
+        updated_after_ms: q.updated_after_ms,
+        updated_before_ms: q.updated_before_ms,
+        limit,
+        cursor: q.cursor.clone(),
+    })
+}
+
+#[derive(Serialize)]
+struct ListOut {
+    object: &'static str,
+    data: Vec<Conversation>,
+    next_cursor: Option<String>,
+}
+
+/// `GET /v1/conversations`: newest-updated first, paged by `cursor`.
+async fn list(State(state): State<SharedState>, Query(q): Query<ListQuery>) -> Result<Json<ListOut>, ApiError> {
+    let page = state.store()?.list_conversations(&filter(&q)?).await.map_err(ApiError::store)?;
+    Ok(Json(ListOut { object: "list", data: page.items, next_cursor: page.next_cursor }))
+}
+
+#[derive(Serialize)]
+pub struct ConversationOut {
+    pub conversation: Conversation,
+    pub turns: Vec<Turn>,
+}
+
+/// `GET /v1/conversations/{id}`: the conversation and every turn, in order.
+async fn one(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<ConversationOut>, ApiError> {
+    let (conversation, turns) = state.store()?.get_conversation(&id).await.map_err(ApiError::store)?;
+    Ok(Json(ConversationOut { conversation, turns }))
+}
+
+/// `GET /v1/conversations/export`: JSON Lines, one conversation with its turns per line, streamed
+/// page by page (the whole store is never held in memory).
+async fn export(State(state): State<SharedState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+    let mut f = filter(&q)?;
+    if q.limit.is_none() {
+        f.limit = 200;
+    }
+    let lines = state.store()?.export(f).map(|line| match line {
+        Ok(mut l) => {
+            l.push('\n');
+            Ok::<_, std::io::Error>(l)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "export failed part-way");
+            Err(std::io::Error::other(e.to_string()))
+        }
+    });
+    let mut resp = Body::from_stream(lines).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retention and privacy
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+struct PurgeIn {
+    older_than_days: Option<i64>,
+}
+
+/// `POST /v1/conversations/purge {older_than_days}`: deletes conversations untouched for that long.
+async fn purge(State(state): State<SharedState>, ApiJson(body): ApiJson<PurgeIn>) -> Result<Json<store::PurgeReport>, ApiError> {
+    let days = body.older_than_days.ok_or_else(|| ApiError::invalid_field("older_than_days", "`older_than_days` is required"))?;
+    if !(0..=36_500).contains(&days) {
+        return Err(ApiError::invalid_field("older_than_days", format!("`older_than_days` must be in [0, 36500] (got {days})")));
+    }
+    let cutoff = store::now_ms() - days * 86_400_000;
+    Ok(Json(state.store()?.purge_older_than(cutoff).await.map_err(ApiError::store)?))
+}
+
+/// `DELETE /v1/customers/{id}`: everything stored about one customer (privacy requests).
+async fn delete_customer(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<store::PurgeReport>, ApiError> {
+    Ok(Json(state.store()?.delete_customer(&id).await.map_err(ApiError::store)?))
+}
+
+#[derive(Debug, Deserialize)]
+struct DeliveriesQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/deliveries?status=dead`: the webhook outbox (dead letters, pending, delivered).
+async fn deliveries(State(state): State<SharedState>, Query(q): Query<DeliveriesQuery>) -> Result<Json<Value>, ApiError> {
+    let status = match q.status.as_deref() {
+        None => None,
+        Some("pending") => Some(store::DeliveryStatus::Pending),
+        Some("delivered") => Some(store::DeliveryStatus::Delivered),
+        Some("dead") => Some(store::DeliveryStatus::Dead),
+        Some(other) => return Err(ApiError::invalid_field("status", format!("`status` must be `pending`, `delivered` or `dead` (got {other:?})"))),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let rows = state.store()?.deliveries(status, limit).await.map_err(ApiError::store)?;
+    Ok(Json(json!({"object": "list", "data": rows})))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handoff
+// ---------------------------------------------------------------------------------------------
+
+/// Words that show how the customer feels; counted over their messages.
+const NEGATIVE: &[&str] = &[
+    "angry", "furious", "unacceptable", "terrible", "awful", "worst", "ridiculous", "frustrated", "frustrating", "annoyed", "disappointed",
+    "useless", "scam", "lawyer", "sue", "chargeback", "again", "still", "broken", "never", "wrong", "complaint", "upset", "waste",
+];
+const POSITIVE: &[&str] = &["thanks", "thank", "great", "perfect", "helpful", "appreciate", "awesome", "excellent", "resolved", "works"];
+
+/// The customer's mood from their own words: `negative`, `neutral` or `positive`, with the cue
+/// words found (so an agent can see why).
+pub fn sentiment(messages: &[&str]) -> Value {
+    let (mut neg, mut pos) = (BTreeMap::new(), BTreeMap::new());
+    for m in messages {
+        for w in m.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+            let w = w.to_lowercase();
+            if NEGATIVE.contains(&w.as_str()) {
+                *neg.entry(w).or_insert(0u32) += 1;
+            } else if POSITIVE.contains(&w.as_str()) {
+                *pos.entry(w).or_insert(0u32) += 1;
+            }
+        }
+        // Shouting counts as negative.
+        let letters: Vec<char> = m.chars().filter(|c| c.is_alphabetic()).collect();
+        if letters.len() >= 12 && letters.iter().all(|c| c.is_uppercase()) {
+            *neg.entry("(all capitals)".to_string()).or_insert(0) += 1;
+        }
+    }
+    let (n, p): (u32, u32) = (neg.values().sum(), pos.values().sum());
+    let label = if n > p {
+        "negative"
+    } else if p > n {
+        "positive"
+    } else {
+        "neutral"
+    };
+    let cues: Vec<&String> = neg.keys().chain(pos.keys()).collect();
+    json!({"label": label, "negative_cues": n, "positive_cues": p, "cues": cues})
+}
+
+fn excerpt(text: &str, max: usize) -> String {
+    let t = text.trim();
+    if t.chars().count() <= max {
+        return t.to_string();
+    }
+    let cut: String = t.chars().take(max).collect();
+    format!("{}…", cut.trim_end())
+}
+
+/// The handoff summary (its JSON schema is `docs/schemas/handoff-summary.schema.json`): what the
+/// customer wants, what the bot tried, which articles it cited, how the customer feels, and why
+/// the conversation went to a person. Built from the stored turns alone: nothing is invented.
+pub fn handoff_summary(conv: &Conversation, turns: &[Turn], reason: &str, by: &str) -> Value {
+    let customer_msgs: Vec<&str> = turns.iter().filter(|t| t.role == Role::Customer).map(|t| t.content.as_str()).collect();
+    let mut docs: BTreeMap<String, String> = BTreeMap::new();
+    let tried: Vec<Value> = turns
+        .iter()
+        .filter(|t| t.role != Role::Customer)
+        .map(|t| {
+            let detail = t.detail.clone().unwrap_or(Value::Null);
+            let cited: Vec<String> = detail["citations"]
+                .as_array()
+                .map(|cs| {
+                    cs.iter()
+                        .filter_map(|c| {
+                            let id = c["doc_id"].as_str()?.to_string();
+                            docs.insert(id.clone(), c["title"].as_str().unwrap_or("").to_string());
+                            Some(id)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let outcome = match (t.role, detail["guard"]["action"].as_str(), detail["grounding"]["status"].as_str()) {
+                (Role::Agent, _, _) => "agent_reply",
+                (_, Some("handoff"), _) => "handoff",
+                (_, Some("refusal"), _) => "policy_refusal",
+                (_, _, Some("no_relevant_docs")) => "not_in_docs",
+                _ if t.state != TurnState::Complete => "not_finished",
+                _ => "answered",
+            };
+            json!({
+                "turn_id": t.id,
+                "by": if t.role == Role::Agent { "agent" } else { "bot" },
+                "outcome": outcome,
+                "answer": excerpt(&t.content, 280),
+                "cited": cited,
+            })
+        })
+        .collect();
+    json!({
+        "conversation_id": conv.id,
+        "reason": reason,
+        "requested_by": by,
+        "customer": {
+            "id": conv.customer.id,
+            "account_id": conv.customer.account_id,
+            "plan": conv.customer.plan,
+            "locale": conv.customer.locale,
+        },
+        "issue": excerpt(customer_msgs.first().copied().unwrap_or(""), 500),
+        "latest_message": excerpt(customer_msgs.last().copied().unwrap_or(""), 500),
+        "customer_messages": customer_msgs.len(),
+        "tried": tried,
+        "docs_cited": docs.into_iter().map(|(id, title)| json!({"doc_id": id, "title": title})).collect::<Vec<_>>(),
+        "sentiment": sentiment(&customer_msgs),
+        "created_ms": store::now_ms(),
+    })
+}
+
+/// Marks the conversation handed off with its summary and sends the summary to the webhook (the
+/// delivery is recorded before this returns; sending happens in the background).
+pub async fn hand_off(state: &AppState, conversation_id: &str, reason: &str, by: &str) -> Result<(Conversation, Value), ApiError> {
+    let store = state.store()?;
+    let (conv, turns) = store.get_conversation(conversation_id).await.map_err(ApiError::store)?;
+    let summary = handoff_summary(&conv, &turns, reason, by);
+    let handoff = Handoff { reason: reason.to_string(), summary: summary.clone(), by: by.to_string(), at_ms: store::now_ms() };
+    let conv = store.set_handoff(conversation_id, handoff).await.map_err(ApiError::store)?;
+    state.metrics.handoff(reason);
+    if let Some(hook) = state.webhook() {
+        let payload = json!({"event": "handoff", "conversation_id": conv.id, "customer_id": conv.customer.id, "summary": summary});
+        if let Err(e) = hook.enqueue("handoff", payload).await {
+            // The conversation is handed off either way; the agent queue shows it.
+            tracing::error!(error = %e, conversation = %conv.id, "the handoff webhook delivery could not be recorded");
+        }
+    }
+    Ok((conv, summary))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct HandoffIn {
+    /// A reason code (snake_case); default `customer_request` / `agent_takeover`.
+    reason: Option<String>,
+}
+
+#[derive(Serialize)]
+struct HandoffOut {
+    conversation: Conversation,
+    summary: Value,
+}
+
+/// A JSON body that may be left out entirely.
+fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::malformed(format!("the body is not valid JSON of the right shape: {e}")))
+}
+
+fn reason_code(given: Option<String>, default: &str) -> Result<String, ApiError> {
+    let r = given.unwrap_or_else(|| default.to_string());
+    let ok = (1..=64).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !ok {
+        return Err(ApiError::invalid_field("reason", "`reason` must be 1 to 64 characters of a-z 0-9 _"));
+    }
+    Ok(r)
+}
+
+/// `POST /v1/conversations/{id}/handoff`: the customer asks for a person ("Talk to a human").
+async fn customer_handoff(State(state): State<SharedState>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<HandoffOut>, ApiError> {
+    let reason = reason_code(optional_json::<HandoffIn>(&body)?.reason, "customer_request")?;
+    let (conversation, summary) = hand_off(&state, &id, &reason, "customer").await?;
+    Ok(Json(HandoffOut { conversation, summary }))
+}
+
+/// `POST /v1/conversations/{id}/takeover`: an agent takes the conversation over.
+async fn takeover(State(state): State<SharedState>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<HandoffOut>, ApiError> {
+    let reason = reason_code(optional_json::<HandoffIn>(&body)?.reason, "agent_takeover")?;
+    let (conversation, summary) = hand_off(&state, &id, &reason, "agent").await?;
+    Ok(Json(HandoffOut { conversation, summary }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct MessageIn {
+    content: Option<String>,
+}
+
+/// Longest agent reply, in characters.
+pub const MAX_AGENT_MESSAGE_CHARS: usize = 8000;
+
+/// `POST /v1/conversations/{id}/messages {content}`: an agent's reply, stored as an agent turn.
+async fn agent_message(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<MessageIn>) -> Result<Json<Turn>, ApiError> {
+    let content = body.content.unwrap_or_default();
+    let n = content.chars().count();
+    if content.trim().is_empty() || n > MAX_AGENT_MESSAGE_CHARS {
+        return Err(ApiError::invalid_field("content", format!("`content` must have 1 to {MAX_AGENT_MESSAGE_CHARS} characters, not all blank (got {n})")));
+    }
+    let turn = state.store()?.append_turn(&id, Role::Agent, &content, TurnState::Complete).await.map_err(ApiError::store)?;
+    Ok(Json(turn))
+}
+
+/// `POST /v1/conversations/{id}/resolve`: the case is closed.
+async fn resolve(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Conversation>, ApiError> {
+    let conv = state.store()?.set_status(&id, ConversationStatus::Resolved).await.map_err(ApiError::store)?;
+    state.metrics.resolution();
+    Ok(Json(conv))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Feedback
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+struct FeedbackIn {
+    helpful: Option<bool>,
+    resolved: Option<bool>,
+    comment: Option<String>,
+    /// Answer feedback only: the conversation the answer belongs to (checked).
+    conversation_id: Option<String>,
+}
+
+fn feedback(body: &FeedbackIn) -> Result<Feedback, ApiError> {
+    if body.helpful.is_none() && body.resolved.is_none() && body.comment.is_none() {
+        return Err(ApiError::invalid_field("helpful", "give at least one of `helpful`, `resolved` and `comment`"));
+    }
+    if let Some(c) = &body.comment {
+        if c.chars().count() > 2000 {
+            return Err(ApiError::invalid_field("comment", "`comment` must have at most 2000 characters"));
+        }
+    }
+    Ok(Feedback { helpful: body.helpful, resolved: body.resolved, comment: body.comment.clone(), at_ms: store::now_ms() })
+}
+
+/// `POST /v1/conversations/{id}/feedback {helpful, resolved, comment}`.
+async fn conversation_feedback(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<FeedbackIn>) -> Result<Json<Value>, ApiError> {
+    let fb = feedback(&body)?;
+    state.store()?.record_feedback(None, &id, fb.clone()).await.map_err(ApiError::store)?;
+    state.metrics.feedback("conversation", &fb);
+    Ok(Json(json!({"conversation_id": id, "feedback": fb})))
+}
+
+/// `POST /v1/answers/{id}/feedback {helpful, resolved, comment}`: on one answer.
+async fn answer_feedback(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<FeedbackIn>) -> Result<Json<Value>, ApiError> {
+    let fb = feedback(&body)?;
+    let store = state.store()?;
+    let turn = store.get_turn(&id).await.map_err(ApiError::store)?;
+    if let Some(c) = &body.conversation_id {
+        if c != &turn.conversation_id {
+            return Err(ApiError::invalid_field("conversation_id", "the answer is not part of this conversation"));
+        }
+    }
+    store.record_feedback(Some(&id), &turn.conversation_id, fb.clone()).await.map_err(ApiError::store)?;
+    state.metrics.feedback("answer", &fb);
+    Ok(Json(json!({"answer_id": id, "conversation_id": turn.conversation_id, "feedback": fb})))
+}
