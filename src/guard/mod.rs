@@ -58,6 +58,15 @@ impl Guarded {
     }
 }
 
+/// The pack's own grammars are the operator's trusted config: compiled under the compiler's size
+/// and depth limits but without the per-request time budget (meant for clients' grammars), which a
+/// busy machine could otherwise overrun and turn into a failed answer. llguidance's fuel still
+/// bounds the work.
+fn compile_pack(compiler: &grammar::GuardCompiler, spec: grammar::PolicyGrammar) -> Result<grammar::CompiledGuard, grammar::GuardError> {
+    let limits = grammar::GuardLimits { compile_budget: std::time::Duration::from_secs(120), ..compiler.limits().clone() };
+    compiler.compile_within(&grammar::Constraint::Policy(spec), &limits)
+}
+
 impl ActivePolicy {
     pub fn load(path: &Path) -> Result<ActivePolicy, PolicyError> {
         let pack = PolicyPack::load(path)?;
@@ -129,9 +138,22 @@ impl ActivePolicy {
         if let Some(g) = cache.get(&key) {
             return Ok(g.clone());
         }
-        let compiled = compiler.compile(&grammar::Constraint::Policy(spec))?;
+        let compiled = compile_pack(compiler, spec)?;
         cache.insert(key, compiled.clone());
         Ok(compiled)
+    }
+
+    /// Compiles every grammar an answer may need (citation counts 0..=`max_citations`, the
+    /// structured-output filters, the bounds), so no customer waits for a first compile.
+    pub fn precompile(&self, compiler: &grammar::GuardCompiler, max_citations: usize) -> Result<(), grammar::GuardError> {
+        for n in 0..=max_citations {
+            self.answer_grammar(compiler, n)?;
+        }
+        for json in [false, true] {
+            self.filter_grammar(compiler, json)?;
+            self.bounds_grammar(compiler, json)?;
+        }
+        Ok(())
     }
 
     /// Ids of the rules a guarded answer is constrained by while decoding.
@@ -146,7 +168,7 @@ impl ActivePolicy {
         let citations = passages.len();
         let spec =
             grammar::PolicyGrammar { forbidden: self.forbidden(), citations, refusal: self.pack.messages.refusal.clone(), shape: grammar::Shape::Quote(passages) };
-        compiler.compile(&grammar::Constraint::Policy(spec))
+        compile_pack(compiler, spec)
     }
 
     fn forbidden(&self) -> Vec<grammar::Forbidden> {

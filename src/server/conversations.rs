@@ -39,6 +39,20 @@ pub fn routes() -> Router<SharedState> {
         .route("/v1/answers/{id}/feedback", post(answer_feedback))
         .route("/v1/customers/{id}", delete(delete_customer))
         .route("/v1/deliveries", get(deliveries))
+        .route("/v1/answers/{id}/audit", get(audit))
+}
+
+/// `GET /v1/answers/{id}/audit`: the answer's audit record (model, tokenizer and template hashes,
+/// index and policy versions, passages with scores, sampling and seed, guard outcome, the request).
+async fn audit(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let turn = state.store()?.get_turn(&id).await.map_err(ApiError::store)?;
+    let mut audit = turn.audit.ok_or_else(|| ApiError::not_found("not_found", format!("answer `{id}` has no audit record (it is not a bot answer)")))?;
+    if let Value::Object(a) = &mut audit {
+        a.insert("answer_id".into(), json!(turn.id));
+        a.insert("conversation_id".into(), json!(turn.conversation_id));
+        a.insert("state".into(), json!(turn.state));
+    }
+    Ok(Json(audit))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -59,7 +73,8 @@ pub async fn open_with(state: &AppState, c: &crate::config::ConversationsConfig)
         None => c.data_dir.display().to_string(),
     };
     let sync = if c.store_sync == "normal" { Synchronous::Normal } else { Synchronous::Full };
-    let opts = StoreOptions { synchronous: sync, ..StoreOptions::default() };
+    // Recovery runs below, so its count can be reported.
+    let opts = StoreOptions { synchronous: sync, recover_on_open: false, ..StoreOptions::default() };
     let store = Store::open(&target, opts).await.map_err(|e| format!("cannot open the conversation store: {e}"))?;
     let interrupted = store.recover().await.map_err(|e| format!("cannot recover the conversation store: {e}"))?;
     if interrupted > 0 {

@@ -16,7 +16,7 @@ use crate::engine::{FinishReason as EngineFinishReason, Timings as EngineTimings
 macro_rules! generation_request {
     ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty,)* }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+        #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
         pub struct $name {
             $($(#[$fmeta])* pub $field: $ty,)*
             /// Stream the answer as server-sent events, ending with `data: [DONE]`.
@@ -126,7 +126,7 @@ pub struct SamplingFields {
 }
 
 /// OpenAI's `response_format`.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ResponseFormat {
     /// `text` (default), `json_object` or `json_schema`.
     #[serde(rename = "type")]
@@ -136,7 +136,7 @@ pub struct ResponseFormat {
     pub json_schema: Option<JsonSchemaFormat>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct JsonSchemaFormat {
     /// A name for the schema (1 to 64 characters of a-z A-Z 0-9 _ -); optional here.
     pub name: Option<String>,
@@ -151,7 +151,7 @@ pub struct JsonSchemaFormat {
 
 /// `helpline.grammar`: the answer must match a regex, or a Lark grammar (llguidance's dialect).
 /// Give exactly one.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct GrammarIn {
     /// The whole answer must match this regex (Rust `regex` syntax, no anchors needed).
     pub regex: Option<String>,
@@ -159,14 +159,14 @@ pub struct GrammarIn {
     pub lark: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct StreamOptions {
     /// Send one more chunk before `[DONE]` with `usage` and empty `choices`.
     pub include_usage: Option<bool>,
 }
 
 /// Sampling knobs OpenAI does not define.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct HelplineSampling {
     /// Keep only the k most likely tokens; 0 (default) disables.
     #[schema(minimum = 0)]
@@ -188,10 +188,28 @@ pub struct HelplineSampling {
     pub quote: Option<bool>,
     /// Constrain the answer to a regex or a Lark grammar (instead of `response_format`).
     pub grammar: Option<GrammarIn>,
+    /// Chat only: the conversation this turn belongs to (1 to 64 characters of A-Z a-z 0-9 _ . : -).
+    /// Created when new; the answer reports it. Without one, a new conversation is started.
+    pub conversation_id: Option<String>,
+    /// Chat only: who the customer is, as the calling system knows them; kept with the conversation.
+    pub customer: Option<CustomerIn>,
+}
+
+/// The customer, as the calling system identifies them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct CustomerIn {
+    /// The customer's id in the calling system (1 to 128 characters); decides who owns the conversation.
+    pub id: Option<String>,
+    pub account_id: Option<String>,
+    pub plan: Option<String>,
+    pub locale: Option<String>,
+    /// Other facts to keep with the conversation (at most 32 keys, 4 KiB as JSON).
+    #[schema(value_type = Object)]
+    pub attributes: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Restrictions on retrieval. Draft and retired articles are never retrieved, whatever the filters.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct RetrieveFilters {
     /// Only these product areas (e.g. `billing`, `security`).
     pub product_area: Option<Vec<String>>,
@@ -324,23 +342,28 @@ pub struct HandoffInfo {
     pub reason: String,
     /// How to reach a person.
     pub message: String,
+    /// When the conversation was handed to a person: the handoff summary the agent receives
+    /// (schema: `docs/schemas/handoff-summary.schema.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub summary: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
     Tokens(Vec<i64>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
@@ -360,21 +383,21 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ChatMessageIn {
     pub role: Role,
     /// Text, or an array of text parts (joined with newlines). Only `assistant` messages may omit it.
     pub content: Option<MessageContent>,
 }
 
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ContentPart {
     /// Only `"text"` is supported.
     #[serde(rename = "type")]
@@ -423,6 +446,16 @@ pub enum FinishReason {
     Length,
     /// The policy pack made the bot refuse (an out-of-scope topic); the text is also in `refusal`.
     ContentFilter,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
+        }
+    }
 }
 
 impl From<EngineFinishReason> for FinishReason {
@@ -487,6 +520,13 @@ pub struct HelplineInfo {
     /// Chat answers: the policy pack's part in this answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardInfo>,
+    /// Chat answers: the stored conversation this turn belongs to (send it back as
+    /// `helpline.conversation_id` to continue it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    /// Chat answers: this answer's id (for feedback, audit and replay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_id: Option<String>,
 }
 
 /// What the policy pack did to an answer (under `helpline.guard`).

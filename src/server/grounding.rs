@@ -288,7 +288,7 @@ fn policy_answer(state: &AppState, policy: &ActivePolicy, chat: &ValidChat) -> O
     let mut ctx = GroundingCtx::off();
     ctx.info.status = GroundingStatus::Skipped;
     if action == GuardAction::Handoff {
-        ctx.handoff = Some(HandoffInfo { offered: true, reason: fired.reason.clone(), message: pack.messages.handoff.clone() });
+        ctx.handoff = Some(HandoffInfo { offered: true, reason: fired.reason.clone(), message: pack.messages.handoff.clone(), summary: None });
     }
     ctx.guard = Some(GuardInfo {
         policy_version: pack.version.clone(),
@@ -354,7 +354,7 @@ fn plan_grounded(state: &AppState, chat: ValidChat) -> Result<ChatPlan, ApiError
     let refuse = |mut info: GroundingInfo, reason: &str| {
         state.metrics.grounding("no_relevant_docs");
         info.status = GroundingStatus::NoRelevantDocs;
-        let handoff = HandoffInfo { offered: true, reason: reason.into(), message: g.handoff_message.clone() };
+        let handoff = HandoffInfo { offered: true, reason: reason.into(), message: g.handoff_message.clone(), summary: None };
         ChatPlan::Refuse {
             text: g.refusal_message.clone(),
             grounding: GroundingCtx { info, handoff: Some(handoff), given: Vec::new(), guard: None, refusal_text: None, structured: false },

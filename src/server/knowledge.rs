@@ -132,6 +132,12 @@ pub struct ReloadResponse {
     )
 )]
 pub async fn reload(State(state): State<SharedState>) -> Result<Json<ReloadResponse>, ApiError> {
+    reindex(&state).await.map(Json)
+}
+
+/// Re-indexes the docs directory and switches searches to the result: what `POST /v1/index/reload`
+/// does, also called after a knowledge-base draft is approved. Rebuilds are serialized.
+pub async fn reindex(state: &SharedState) -> Result<ReloadResponse, ApiError> {
     let _one_at_a_time = state.reindexing.lock().await;
     let st = state.clone();
     let result = tokio::task::spawn_blocking(move || -> Result<ReloadResponse, ApiError> {
@@ -158,5 +164,5 @@ pub async fn reload(State(state): State<SharedState>) -> Result<Json<ReloadRespo
     .await
     .map_err(ApiError::internal)?;
     state.metrics.index_reload(if result.is_ok() { "ok" } else { "failed" });
-    result.map(Json)
+    result
 }

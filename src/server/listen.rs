@@ -201,6 +201,14 @@ fn load_model(state: &AppState) -> Result<(), String> {
     )
     .map_err(|e| format!("cannot start the engine: {e}"))?;
     let guard = GuardCompiler::new(&bundle.tokenizer).map_err(|e| format!("cannot prepare output constraints for the model's tokenizer: {e}"))?;
+    // Every grammar the pack needs, compiled before the first customer arrives.
+    let t = Instant::now();
+    if let Ok(policy) = state.policy() {
+        policy
+            .precompile(&guard, cfg.grounding.passages)
+            .map_err(|e| format!("the policy pack's grammar does not compile: {e}"))?;
+        eprintln!("helpline: policy grammars compiled in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    }
     state.set_loaded(Loaded { bundle, engine, guard: Arc::new(guard) });
     eprintln!("helpline: model {} ready in {:.1} s", path.display(), start.elapsed().as_secs_f64());
     Ok(())

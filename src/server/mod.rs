@@ -17,6 +17,7 @@ pub mod middleware;
 pub mod openai;
 pub mod openapi;
 pub mod policy;
+pub mod record;
 pub mod ops;
 pub mod sse;
 pub mod validate;
@@ -59,8 +60,18 @@ pub struct AppState {
     store: OnceLock<crate::store::Store>,
     /// Sends handoff summaries to the operator's system, when configured.
     webhook: OnceLock<crate::webhook::Webhook>,
-    /// sha256 of the model file (for audit records), computed on first use.
-    model_sha256: OnceLock<String>,
+    /// sha256 of the model file and of the tokenizer's vocabulary (for audit records), computed on first use.
+    fingerprints: OnceLock<Fingerprints>,
+}
+
+/// What identifies the model an answer came from (audit records, replay).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Fingerprints {
+    pub model_sha256: String,
+    /// sha256 over every token's bytes, in id order.
+    pub tokenizer_sha256: String,
+    /// sha256 of the chat template's source.
+    pub template_sha256: String,
 }
 
 impl AppState {
@@ -75,7 +86,7 @@ impl AppState {
             policy: RwLock::new(None),
             store: OnceLock::new(),
             webhook: OnceLock::new(),
-            model_sha256: OnceLock::new(),
+            fingerprints: OnceLock::new(),
         })
     }
 
@@ -97,17 +108,30 @@ impl AppState {
         self.webhook.get()
     }
 
-    /// sha256 (hex) of the served model file; read once, on first use (blocking).
-    pub fn model_sha256(&self) -> Result<String, ApiError> {
-        if let Some(h) = self.model_sha256.get() {
-            return Ok(h.clone());
+    /// The served model's fingerprints; computed once, on first use (blocking: reads the model file).
+    pub fn fingerprints(&self) -> Result<Fingerprints, ApiError> {
+        use sha2::Digest;
+        if let Some(f) = self.fingerprints.get() {
+            return Ok(f.clone());
         }
         let loaded = self.loaded()?;
         let mut file = std::fs::File::open(&loaded.bundle.path).map_err(ApiError::internal)?;
         let mut hasher = sha2::Sha256::default();
         std::io::copy(&mut file, &mut hasher).map_err(ApiError::internal)?;
-        let hex = format!("{:x}", sha2::Digest::finalize(hasher));
-        Ok(self.model_sha256.get_or_init(|| hex).clone())
+        let model_sha256 = format!("{:x}", hasher.finalize());
+        let tok = &loaded.bundle.tokenizer;
+        let mut h = sha2::Sha256::default();
+        for id in 0..tok.vocab_size() as u32 {
+            let bytes = tok.token_bytes(id);
+            h.update((bytes.len() as u32).to_le_bytes());
+            h.update(bytes);
+        }
+        let f = Fingerprints {
+            model_sha256,
+            tokenizer_sha256: format!("{:x}", h.finalize()),
+            template_sha256: loaded.bundle.template.sha256().to_string(),
+        };
+        Ok(self.fingerprints.get_or_init(|| f).clone())
     }
 
     /// Makes the model available to handlers; `/ready` turns 200 after this.

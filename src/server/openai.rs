@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::distributions::Alphanumeric;
@@ -23,6 +23,7 @@ use super::dto::{
 };
 use super::error::{ApiError, ApiJson};
 use super::grounding::{self, ChatPlan, GroundingCtx};
+use super::record::{self, Recorder};
 use super::sse::{self, Flavor, Meta, Tracker};
 use super::validate::{self, ValidGeneration};
 use super::SharedState;
@@ -40,6 +41,48 @@ pub fn routes() -> Router<SharedState> {
         .route("/v1/models/{*id}", get(get_model))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/v1/answers/{id}/replay", post(replay))
+}
+
+/// `POST /v1/answers/{id}/replay`: regenerates a stored answer from its audit record (the same
+/// request, with the seed it was sampled with) and says whether the text is identical, and whether
+/// the model, index and policy are still the ones it was made with. Nothing is stored.
+async fn replay(State(state): State<SharedState>, Path(id): Path<String>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    use serde_json::json;
+    let turn = state.store()?.get_turn(&id).await.map_err(ApiError::store)?;
+    let audit = turn.audit.clone().ok_or_else(|| ApiError::not_found("not_found", format!("answer `{id}` has no audit record to replay")))?;
+    let mut req: ChatCompletionRequest = serde_json::from_value(audit["request"].clone())
+        .map_err(|e| ApiError::internal(format!("the audit record's request does not parse: {e}")))?;
+    req.stream = Some(false);
+    if let Some(h) = req.helpline.as_mut() {
+        h.conversation_id = None;
+        h.customer = None;
+    }
+    let st = state.clone();
+    let plan = blocking(move || {
+        let chat = validate::chat(&req, &st.config, st.loaded()?)?;
+        grounding::plan(&st, chat)
+    })
+    .await?;
+    let replayed = match plan {
+        ChatPlan::Generate { valid, grounding } => complete(&state, valid, Some(&grounding)).await?.text,
+        ChatPlan::Refuse { text, .. } => text,
+    };
+    let st = state.clone();
+    let fp = blocking(move || st.fingerprints()).await?;
+    let index = state.knowledge().ok().map(|k| k.version());
+    let policy = state.policy().ok().map(|p| p.pack.version.clone());
+    Ok(axum::Json(json!({
+        "answer_id": id,
+        "identical": replayed == turn.content,
+        "original": turn.content,
+        "replayed": replayed,
+        "same_model": audit["model"]["sha256"] == json!(fp.model_sha256)
+            && audit["tokenizer_sha256"] == json!(fp.tokenizer_sha256)
+            && audit["template_sha256"] == json!(fp.template_sha256),
+        "same_index": audit["index_version"].is_null() || audit["index_version"] == json!(index),
+        "same_policy": audit["policy_version"] == json!(policy),
+    })))
 }
 
 /// Create a chat completion.
@@ -78,16 +121,36 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.loaded()?;
+    let request = serde_json::to_value(&req).unwrap_or_default();
     let st = state.clone();
-    let plan = blocking(move || {
+    let (plan, conv, message) = blocking(move || {
         let chat = validate::chat(&req, &st.config, st.loaded()?)?;
-        grounding::plan(&st, chat)
+        let conv = chat.conversation.clone();
+        let message = chat.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+        // Audit records name the model by its hash: computed once, here on a blocking thread.
+        st.fingerprints()?;
+        Ok((grounding::plan(&st, chat)?, conv, message))
     })
     .await?;
+    // The customer's turn is durable before anything is generated.
+    let mut rec = Recorder::begin(&state, &conv, &message).await?;
+    let plan = if rec.handed_off() { handed_off_plan(&state, plan)? } else { plan };
     match plan {
-        ChatPlan::Generate { valid, grounding } => generate(state, valid, Flavor::Chat, Some(grounding)).await,
-        ChatPlan::Refuse { text, grounding, stream, include_usage, finish } => {
-            let meta = Meta {
+        ChatPlan::Generate { valid, grounding } => {
+            rec.set_audit(record::audit(&state, request, Some(&valid), &grounding)?);
+            generate(state, valid, Flavor::Chat, Some(grounding), Some(rec)).await
+        }
+        ChatPlan::Refuse { text, mut grounding, stream, include_usage, finish } => {
+            rec.set_audit(record::audit(&state, request, None, &grounding)?);
+            let handoff = grounding.guard.as_ref().is_some_and(|g| g.action == super::dto::GuardAction::Handoff);
+            let outcome = if handoff {
+                "handoff"
+            } else if finish == super::dto::FinishReason::ContentFilter {
+                "content_filter"
+            } else {
+                "refused"
+            };
+            let mut meta = Meta {
                 id: new_id(Flavor::Chat.id_prefix()),
                 created: unix_now(),
                 model: state.config.model_id.clone(),
@@ -95,16 +158,65 @@ pub async fn chat_completions(
                 flavor: Flavor::Chat,
                 prompt_tokens: 0,
                 include_usage,
-                grounding: Some(grounding),
+                grounding: None,
                 fixed: true,
+                conversation_id: Some(rec.conversation.id.clone()),
+                answer_id: Some(rec.answer_id.clone()),
             };
-            if stream {
-                return Ok(sse::fixed_answer(meta, text, finish, state.config.keep_alive));
+            meta.grounding = Some(grounding.clone());
+            let info = meta.helpline(&Default::default(), None);
+            rec.finish(&text, outcome, sse::detail(&info, finish, super::dto::Usage::new(0, 0))).await?;
+            if handoff && !rec.handed_off() {
+                // The conversation goes to a person: the summary, the status, the webhook.
+                let reason = grounding.handoff.as_ref().map(|h| h.reason.clone()).unwrap_or_else(|| "policy".into());
+                let (_, summary) = super::conversations::hand_off(&state, &rec.conversation.id, &reason, "policy").await?;
+                if let Some(h) = grounding.handoff.as_mut() {
+                    h.summary = Some(summary);
+                }
+                meta.grounding = Some(grounding);
             }
-            let mut resp = meta.whole(text, finish, 0, &Default::default(), None);
+            let ids = (rec.conversation.id.clone(), rec.answer_id.clone());
+            let mut resp = if stream {
+                sse::fixed_answer(meta, text, finish, state.config.keep_alive)
+            } else {
+                meta.whole(text, finish, 0, &Default::default(), None)
+            };
+            with_ids(&mut resp, &ids);
             resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             Ok(resp)
         }
+    }
+}
+
+/// A conversation a person has taken: the bot does not answer; the customer is told their message
+/// reached the team (the pack's handoff text).
+fn handed_off_plan(state: &SharedState, plan: ChatPlan) -> Result<ChatPlan, ApiError> {
+    let policy = state.policy()?;
+    let text = policy.pack.messages.handoff.clone();
+    let (mut grounding, stream, include_usage) = match plan {
+        ChatPlan::Generate { valid, grounding } => (grounding, valid.stream, valid.include_usage),
+        ChatPlan::Refuse { grounding, stream, include_usage, .. } => (grounding, stream, include_usage),
+    };
+    grounding.handoff = Some(super::dto::HandoffInfo { offered: true, reason: "handed_off".into(), message: text.clone(), summary: None });
+    grounding.guard = Some(super::dto::GuardInfo {
+        policy_version: policy.pack.version.clone(),
+        action: super::dto::GuardAction::Handoff,
+        rules: Vec::new(),
+        reason: Some("handed_off".into()),
+        grammar_hash: None,
+        constrained_by: Vec::new(),
+        quote_mode: false,
+        structure: None,
+    });
+    Ok(ChatPlan::Refuse { text, grounding, stream, include_usage, finish: super::dto::FinishReason::Stop })
+}
+
+fn with_ids(resp: &mut Response, (conversation, answer): &(String, String)) {
+    if let Ok(v) = HeaderValue::from_str(conversation) {
+        resp.headers_mut().insert("x-helpline-conversation-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(answer) {
+        resp.headers_mut().insert("x-helpline-answer-id", v);
     }
 }
 
@@ -139,7 +251,7 @@ pub async fn completions(State(state): State<SharedState>, ApiJson(req): ApiJson
     state.loaded()?;
     let st = state.clone();
     let valid = blocking(move || validate::completion(&req, &st.config, st.loaded()?)).await?;
-    generate(state, valid, Flavor::Text, None).await
+    generate(state, valid, Flavor::Text, None, None).await
 }
 
 /// List models: the one model this server serves.
@@ -269,35 +381,27 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}{suffix}")
 }
 
-/// Submits a validated request and answers it, as one JSON body or as an SSE stream.
-async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor, grounding: Option<GroundingCtx>) -> Result<Response, ApiError> {
+/// A finished, non-streamed generation.
+pub struct Completed {
+    /// The answer as the client gets it (filtered markers, attribution suffix).
+    pub text: String,
+    pub reason: super::dto::FinishReason,
+    pub tokens: usize,
+    pub timings: crate::engine::Timings,
+    pub closing: Option<grounding::Closing>,
+}
+
+/// Runs a validated request to its end without answering anyone (the non-streamed answer, and
+/// replay).
+pub async fn complete(state: &SharedState, valid: ValidGeneration, grounding: Option<&GroundingCtx>) -> Result<Completed, ApiError> {
     let loaded = state.loaded()?;
     let prompt_tokens = valid.job.prompt.len();
     let submitted = Instant::now();
-    let rx = loaded.engine.submit(valid.job).map_err(|e| submit_error(&state, e))?;
+    let mut rx = loaded.engine.submit(valid.job).map_err(|e| submit_error(state, e))?;
     state.metrics.add_prompt_tokens(prompt_tokens as u64);
-    let meta = Meta {
-        id: new_id(flavor.id_prefix()),
-        created: unix_now(),
-        model: state.config.model_id.clone(),
-        system_fingerprint: sse::system_fingerprint(),
-        flavor,
-        prompt_tokens,
-        include_usage: valid.include_usage,
-        grounding,
-        fixed: false,
-    };
-    let tracker = Tracker::new(state.clone(), submitted);
-    if valid.stream {
-        let mut resp = sse::stream(rx, meta, tracker, state.config.keep_alive);
-        // Ask reverse proxies not to buffer the stream.
-        resp.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
-        return Ok(resp);
-    }
-    let mut rx = rx;
-    let mut tracker = tracker;
+    let mut tracker = Tracker::new(state.clone(), submitted);
     let mut text = String::new();
-    let mut citations = meta.grounding.as_ref().and_then(GroundingCtx::citation_filter);
+    let mut citations = grounding.and_then(GroundingCtx::citation_filter);
     loop {
         match rx.recv().await {
             Some(Event::Token { text: t, .. }) => {
@@ -312,7 +416,7 @@ async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor, gr
                     text = filtered;
                     tracker.on_citations(f);
                 }
-                let closing = meta.close(citations.as_ref(), &text);
+                let closing = grounding.map(|g| g.close(citations.as_ref(), &text));
                 let mut reason: super::dto::FinishReason = reason.into();
                 if let Some(c) = &closing {
                     text.push_str(&c.suffix);
@@ -321,15 +425,72 @@ async fn generate(state: SharedState, valid: ValidGeneration, flavor: Flavor, gr
                         reason = super::dto::FinishReason::ContentFilter;
                     }
                 }
-                let body = meta.whole(text, reason, tracker.tokens(), &timings, closing);
-                let mut resp = body.into_response();
-                resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                return Ok(resp);
+                return Ok(Completed { text, reason, tokens: tracker.tokens(), timings, closing });
             }
             Some(Event::Error(e)) => return Err(ApiError::internal(format!("generation failed: {e}"))),
             None => return Err(ApiError::internal("the engine dropped the request before it finished")),
         }
     }
+}
+
+/// Submits a validated request and answers it, as one JSON body or as an SSE stream. A chat turn's
+/// `recorder` gets the answer before the client is told it is complete.
+async fn generate(
+    state: SharedState,
+    valid: ValidGeneration,
+    flavor: Flavor,
+    grounding: Option<GroundingCtx>,
+    mut recorder: Option<Recorder>,
+) -> Result<Response, ApiError> {
+    let meta = Meta {
+        id: new_id(flavor.id_prefix()),
+        created: unix_now(),
+        model: state.config.model_id.clone(),
+        system_fingerprint: sse::system_fingerprint(),
+        flavor,
+        prompt_tokens: valid.job.prompt.len(),
+        include_usage: valid.include_usage,
+        grounding,
+        fixed: false,
+        conversation_id: recorder.as_ref().map(|r| r.conversation.id.clone()),
+        answer_id: recorder.as_ref().map(|r| r.answer_id.clone()),
+    };
+    let ids = recorder.as_ref().map(|r| (r.conversation.id.clone(), r.answer_id.clone()));
+    if valid.stream {
+        let loaded = state.loaded()?;
+        let prompt_tokens = valid.job.prompt.len();
+        let submitted = Instant::now();
+        let rx = loaded.engine.submit(valid.job).map_err(|e| submit_error(&state, e))?;
+        state.metrics.add_prompt_tokens(prompt_tokens as u64);
+        let tracker = Tracker::new(state.clone(), submitted);
+        let mut resp = sse::stream(rx, meta, tracker, state.config.keep_alive, recorder);
+        // Ask reverse proxies not to buffer the stream.
+        resp.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+        if let Some(ids) = &ids {
+            with_ids(&mut resp, ids);
+        }
+        return Ok(resp);
+    }
+    let done = match complete(&state, valid, meta.grounding.as_ref()).await {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some(r) = recorder.as_mut() {
+                r.fail("generation failed").await;
+            }
+            return Err(e);
+        }
+    };
+    let info = meta.helpline(&done.timings, done.closing);
+    if let Some(r) = recorder.as_mut() {
+        let usage = super::dto::Usage::new(meta.prompt_tokens, done.tokens);
+        r.finish(&done.text, done.reason.as_str(), sse::detail(&info, done.reason, usage)).await?;
+    }
+    let mut resp = meta.respond(done.text, done.reason, done.tokens, info);
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(ids) = &ids {
+        with_ids(&mut resp, ids);
+    }
+    Ok(resp)
 }
 
 fn submit_error(state: &SharedState, e: SubmitError) -> ApiError {

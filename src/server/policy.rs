@@ -80,7 +80,16 @@ pub async fn policy_status(State(state): State<SharedState>) -> Result<Json<Poli
 )]
 pub async fn reload(State(state): State<SharedState>) -> Result<Json<PolicyStatus>, ApiError> {
     let st = state.clone();
-    let loaded = tokio::task::spawn_blocking(move || ActivePolicy::load(&st.config.grounding.policy_file)).await.map_err(ApiError::internal)?;
+    let loaded = tokio::task::spawn_blocking(move || -> Result<ActivePolicy, String> {
+        let p = ActivePolicy::load(&st.config.grounding.policy_file).map_err(|e| e.to_string())?;
+        // The new pack's grammars compile before it is put in force (never a half-working pack).
+        if let Ok(l) = st.loaded() {
+            p.precompile(&l.guard, st.config.grounding.passages).map_err(|e| format!("the pack's grammar does not compile: {e}"))?;
+        }
+        Ok(p)
+    })
+    .await
+    .map_err(ApiError::internal)?;
     match loaded {
         Ok(p) => {
             state.metrics.policy_reload("ok");
@@ -90,7 +99,7 @@ pub async fn reload(State(state): State<SharedState>) -> Result<Json<PolicyStatu
         }
         Err(e) => {
             state.metrics.policy_reload("failed");
-            Err(ApiError::bad_request("invalid_policy", e.to_string()))
+            Err(ApiError::bad_request("invalid_policy", e))
         }
     }
 }

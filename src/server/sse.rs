@@ -19,6 +19,7 @@ use super::dto::{
     TextCompletionObject, TimingsOut, Usage,
 };
 use super::grounding::{Closing, GroundingCtx};
+use super::record::Recorder;
 use super::SharedState;
 use crate::engine::{Event, Timings};
 use crate::prompt::CitationFilter;
@@ -59,6 +60,9 @@ pub struct Meta {
     pub grounding: Option<GroundingCtx>,
     /// The answer is a fixed text (a refusal or handoff), not the model's.
     pub fixed: bool,
+    /// Chat answers: the stored conversation and answer.
+    pub conversation_id: Option<String>,
+    pub answer_id: Option<String>,
 }
 
 impl Meta {
@@ -71,8 +75,13 @@ impl Meta {
         timings: &Timings,
         closing: Option<Closing>,
     ) -> Response {
-        let usage = Usage::new(self.prompt_tokens, completion_tokens);
         let helpline = self.helpline(timings, closing);
+        self.respond(text, reason, completion_tokens, helpline)
+    }
+
+    /// The non-streaming answer with its `helpline` object already made.
+    pub fn respond(&self, text: String, reason: FinishReason, completion_tokens: usize, helpline: HelplineInfo) -> Response {
+        let usage = Usage::new(self.prompt_tokens, completion_tokens);
         let message = match self.structured_refusal(reason, &text) {
             Some(refusal) => AssistantMessage { role: AssistantRole::Assistant, content: None, refusal: Some(refusal) },
             None => AssistantMessage {
@@ -115,12 +124,21 @@ impl Meta {
     /// The `helpline` object of the answer's last chunk (or of the whole answer).
     pub fn helpline(&self, timings: &Timings, closing: Option<Closing>) -> HelplineInfo {
         let timings = TimingsOut::from(timings);
+        let (conversation_id, answer_id) = (self.conversation_id.clone(), self.answer_id.clone());
         match &self.grounding {
-            None => HelplineInfo { timings, grounding: None, citations: None, handoff: None, guard: None },
+            None => HelplineInfo { timings, grounding: None, citations: None, handoff: None, guard: None, conversation_id, answer_id },
             Some(g) => {
                 let closing = closing.unwrap_or_else(|| g.close(None, ""));
                 let grounding = (closing.info.status != GroundingStatus::Skipped).then_some(closing.info);
-                HelplineInfo { timings, grounding, citations: closing.citations, handoff: g.handoff.clone(), guard: closing.guard }
+                HelplineInfo {
+                    timings,
+                    grounding,
+                    citations: closing.citations,
+                    handoff: g.handoff.clone(),
+                    guard: closing.guard,
+                    conversation_id,
+                    answer_id,
+                }
             }
         }
     }
@@ -197,7 +215,11 @@ impl Meta {
     }
 
     fn finish(&self, reason: FinishReason, timings: &Timings, closing: Option<Closing>) -> SseEvent {
-        let helpline = Some(self.helpline(timings, closing));
+        self.finish_with(reason, self.helpline(timings, closing))
+    }
+
+    fn finish_with(&self, reason: FinishReason, helpline: HelplineInfo) -> SseEvent {
+        let helpline = Some(helpline);
         match self.flavor {
             Flavor::Chat => json_event(&self.chat_chunk(vec![chat_choice(ChatDelta::default(), Some(reason))], None, helpline)),
             Flavor::Text => json_event(&self.text_chunk(vec![text_choice(String::new(), Some(reason))], None, helpline)),
@@ -216,6 +238,17 @@ impl Meta {
             Flavor::Text => json_event(&self.text_chunk(Vec::new(), Some(usage), None)),
         }
     }
+}
+
+/// What the store keeps about an answer: the `helpline` object's fields, the finish reason and usage.
+pub fn detail(info: &HelplineInfo, reason: FinishReason, usage: Usage) -> serde_json::Value {
+    // Through text, so f32 scores keep the short form the client saw (to_value widens them).
+    let mut v: serde_json::Value = serde_json::to_string(info).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("finish_reason".into(), serde_json::json!(reason.as_str()));
+        m.insert("usage".into(), serde_json::to_value(usage).unwrap_or_default());
+    }
+    v
 }
 
 /// An answer that does not come from the model (the grounding refusal): the same events a generated
@@ -318,12 +351,14 @@ struct StreamState {
     citations: Option<CitationFilter>,
     /// The text sent so far, for the closing report (support, attribution, the refusal branch).
     answer: String,
+    /// Chat turns: the stored answer, completed before the final chunk goes out.
+    recorder: Option<Recorder>,
 }
 
 /// The SSE answer, with a keep-alive comment after every `keep_alive` without an event (zero: none).
 /// The stream owns `rx`; dropping the response body (client gone) drops it.
-pub fn stream(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker, keep_alive: Duration) -> Response {
-    let events = events(rx, meta, tracker);
+pub fn stream(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker, keep_alive: Duration, recorder: Option<Recorder>) -> Response {
+    let events = events(rx, meta, tracker, recorder);
     if keep_alive.is_zero() {
         Sse::new(events).into_response()
     } else {
@@ -331,10 +366,15 @@ pub fn stream(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker, keep_a
     }
 }
 
-fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+fn events(
+    rx: UnboundedReceiver<Event>,
+    meta: Meta,
+    tracker: Tracker,
+    recorder: Option<Recorder>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
     let pending: VecDeque<SseEvent> = meta.opening().into_iter().collect();
     let citations = meta.grounding.as_ref().and_then(GroundingCtx::citation_filter);
-    let state = StreamState { rx: Some(rx), meta, tracker, pending, citations, answer: String::new() };
+    let state = StreamState { rx: Some(rx), meta, tracker, pending, citations, answer: String::new(), recorder };
     stream::unfold(state, |mut s| async move {
         loop {
             if let Some(ev) = s.pending.pop_front() {
@@ -349,6 +389,9 @@ fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl St
                         None => text,
                     };
                     s.answer.push_str(&text);
+                    if let Some(r) = s.recorder.as_mut() {
+                        r.push(&text);
+                    }
                     if !text.is_empty() {
                         s.pending.push_back(s.meta.content(text));
                     }
@@ -374,6 +417,10 @@ fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl St
                             reason = FinishReason::ContentFilter;
                         }
                     }
+                    if let Some(r) = s.recorder.as_mut() {
+                        r.push(&text);
+                    }
+                    let whole = format!("{}{}", s.answer, closing.as_ref().map(|c| c.suffix.as_str()).unwrap_or(""));
                     if !text.is_empty() {
                         s.pending.push_back(s.meta.content(text));
                     }
@@ -381,7 +428,18 @@ fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl St
                         let refusal = s.meta.structured_refusal(reason, &s.answer).unwrap_or_else(|| s.answer.clone());
                         s.pending.push_back(s.meta.refusal(refusal));
                     }
-                    s.pending.push_back(s.meta.finish(reason, &timings, closing));
+                    let info = s.meta.helpline(&timings, closing);
+                    if let Some(r) = s.recorder.as_mut() {
+                        // The answer is stored before the client is told it is complete.
+                        let usage = Usage::new(s.meta.prompt_tokens, s.tracker.tokens());
+                        if let Err(e) = r.finish(&whole, reason.as_str(), detail(&info, reason, usage)).await {
+                            tracing::error!(id = %s.meta.id, error = %e.message, "cannot store the finished answer");
+                            r.fail("the answer could not be stored").await;
+                            s.pending.push_back(error_event());
+                            continue;
+                        }
+                    }
+                    s.pending.push_back(s.meta.finish_with(reason, info));
                     if s.meta.include_usage {
                         s.pending.push_back(s.meta.usage(Usage::new(s.meta.prompt_tokens, s.tracker.tokens())));
                     }
@@ -390,11 +448,17 @@ fn events(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker) -> impl St
                 Some(Event::Error(e)) => {
                     tracing::error!(id = %s.meta.id, detail = %e, "generation failed mid-stream");
                     s.rx = None;
+                    if let Some(r) = s.recorder.as_mut() {
+                        r.fail("generation failed").await;
+                    }
                     s.pending.push_back(error_event());
                 }
                 None => {
                     tracing::error!(id = %s.meta.id, "the engine dropped a streamed request before it finished");
                     s.rx = None;
+                    if let Some(r) = s.recorder.as_mut() {
+                        r.fail("the engine dropped the request").await;
+                    }
                     s.pending.push_back(error_event());
                 }
             }

@@ -71,6 +71,8 @@ pub struct ValidChat {
     pub quote: bool,
     /// The client's structured-output constraint, compiled (the policy pack is added per turn).
     pub structured: Option<Structured>,
+    /// The stored conversation this turn belongs to.
+    pub conversation: super::record::ConversationRef,
 }
 
 /// `POST /v1/chat/completions`: model, sampling, messages and the grounding choice.
@@ -110,7 +112,8 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> 
         }
         None
     };
-    Ok(ValidChat { sampling, messages, grounding, quote, structured })
+    let conversation = conversation(&ext)?;
+    Ok(ValidChat { sampling, messages, grounding, quote, structured, conversation })
 }
 
 /// Renders chat messages with the model's template and fits the prompt to the context.
@@ -192,15 +195,19 @@ pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -
     }
     let sampling = sampling(&req.sampling(), cfg)?;
     let ext = req.helpline.clone().unwrap_or_default();
-    if ext.grounding == Some(true) || ext.filters.is_some() || ext.quote.is_some() {
+    if ext.grounding == Some(true) || ext.filters.is_some() || ext.quote.is_some() || ext.conversation_id.is_some() || ext.customer.is_some() {
         let field = if ext.filters.is_some() {
             "helpline.filters"
         } else if ext.quote.is_some() {
             "helpline.quote"
+        } else if ext.conversation_id.is_some() {
+            "helpline.conversation_id"
+        } else if ext.customer.is_some() {
+            "helpline.customer"
         } else {
             "helpline.grounding"
         };
-        return Err(ApiError::invalid_field(field, format!("`{field}` applies to chat completions only; text completions are never grounded")));
+        return Err(ApiError::invalid_field(field, format!("`{field}` applies to chat completions only; text completions are never grounded or stored")));
     }
     let prompt = match &req.prompt {
         None => return Err(ApiError::invalid_field("prompt", "`prompt` is required")),
@@ -216,6 +223,45 @@ pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -
     // the support bot's chat answers).
     valid.job.guard = structured.map(|s| JobGuard(Box::new(s.guard.matcher())));
     Ok(valid)
+}
+
+/// `helpline.conversation_id` and `helpline.customer`, checked against their bounds.
+pub fn conversation(ext: &super::dto::HelplineSampling) -> Result<super::record::ConversationRef, ApiError> {
+    if let Some(id) = &ext.conversation_id {
+        let ok = (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+        if !ok {
+            return Err(ApiError::invalid_field(
+                "helpline.conversation_id",
+                "`helpline.conversation_id` must be 1 to 64 characters of A-Z a-z 0-9 _ . : -",
+            ));
+        }
+    }
+    let mut customer = crate::store::Customer::default();
+    if let Some(c) = &ext.customer {
+        let text = |field: &str, v: &Option<String>| -> Result<Option<String>, ApiError> {
+            match v {
+                Some(s) if s.trim().is_empty() || s.chars().count() > 128 => {
+                    Err(ApiError::invalid_field(field, format!("`{field}` must have 1 to 128 characters, not all blank")))
+                }
+                other => Ok(other.clone()),
+            }
+        };
+        customer.id = text("helpline.customer.id", &c.id)?;
+        customer.account_id = text("helpline.customer.account_id", &c.account_id)?;
+        customer.plan = text("helpline.customer.plan", &c.plan)?;
+        customer.locale = text("helpline.customer.locale", &c.locale)?;
+        if let Some(attrs) = &c.attributes {
+            let size = serde_json::to_string(attrs).map(|t| t.len()).unwrap_or(usize::MAX);
+            if attrs.len() > 32 || size > 4096 {
+                return Err(ApiError::invalid_field(
+                    "helpline.customer.attributes",
+                    format!("`helpline.customer.attributes` must have at most 32 keys and 4096 bytes as JSON (got {} keys, {size} bytes)", attrs.len()),
+                ));
+            }
+            customer.attributes = attrs.clone();
+        }
+    }
+    Ok(super::record::ConversationRef { id: ext.conversation_id.clone(), customer })
 }
 
 /// `response_format` and `helpline.grammar`: at most one, of a known type, with what it needs.

@@ -66,6 +66,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     fallback: bool,
     max_output: usize,
+    /// sha256 (hex) of the template source, for audit records.
+    sha256: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -84,6 +86,11 @@ impl ChatTemplate {
     pub const DEFAULT_FUEL: u64 = 2_000_000;
     /// Default cap on rendered output, in bytes.
     pub const DEFAULT_MAX_OUTPUT: usize = 1 << 20;
+
+    /// sha256 (hex) of the template's source text (names exactly which template rendered a prompt).
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
 
     /// From `tokenizer.chat_template`; ChatML when the key is absent.
     pub fn from_metadata(md: &HashMap<String, GgufValue>) -> Result<Self, TokenizerError> {
@@ -114,7 +121,11 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, src.to_string()).map_err(|e| TokenizerError::TemplateCompile(describe(&e)))?;
-        Ok(ChatTemplate { env, fallback: false, max_output: Self::DEFAULT_MAX_OUTPUT })
+        let sha256 = {
+            use sha2::Digest;
+            format!("{:x}", sha2::Sha256::digest(src.as_bytes()))
+        };
+        Ok(ChatTemplate { env, fallback: false, max_output: Self::DEFAULT_MAX_OUTPUT, sha256 })
     }
 
     /// Replaces the fuel budget and output cap (bytes).

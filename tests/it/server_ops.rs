@@ -26,6 +26,7 @@ struct TestServer {
     state: SharedState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    _data: tempfile::TempDir,
 }
 
 impl TestServer {
@@ -38,9 +39,17 @@ impl TestServer {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        // Chat turns are stored: a SQLite store in a fresh directory, open before the first request.
+        let data = tempfile::tempdir().unwrap();
+        let mut conv = cfg.conversations.clone();
+        conv.data_dir = data.path().to_path_buf();
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel::<()>();
+        let store_state = state.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async move {
+                server::conversations::open_with(&store_state, &conv).await.expect("open the conversation store");
+                let _ = opened_tx.send(());
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 listen::serve(listener, app, &cfg, async {
                     let _ = rx.await;
@@ -49,7 +58,8 @@ impl TestServer {
                 .unwrap();
             });
         });
-        TestServer { addr, state, stop: Some(tx), thread: Some(thread) }
+        opened_rx.recv().expect("the store opened");
+        TestServer { addr, state, stop: Some(tx), thread: Some(thread), _data: data }
     }
 
     fn start_loaded(cfg: ServeConfig) -> TestServer {
@@ -572,6 +582,8 @@ struct Bin {
     stderr: Arc<Mutex<String>>,
     /// Each server builds its own index of docs-corpus here (never in the repository's `index/`).
     _index: tempfile::TempDir,
+    /// And stores its conversations here (never in the repository's `data/`).
+    _data: Option<tempfile::TempDir>,
 }
 
 impl Bin {
@@ -583,6 +595,13 @@ impl Bin {
         }
         let index = tempfile::tempdir().unwrap();
         cmd.env_remove("HELPLINE_CONFIG").env("HELPLINE_OFFLINE", "1").env("HELPLINE_INDEX_DIR", index.path());
+        let data = if env.iter().any(|(k, _)| *k == "HELPLINE_DATA_DIR") || args.contains(&"--data-dir") {
+            None
+        } else {
+            let d = tempfile::tempdir().unwrap();
+            cmd.env("HELPLINE_DATA_DIR", d.path());
+            Some(d)
+        };
         cmd.args(["serve", "--port", "0"]).args(args).envs(env.iter().copied());
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("helpline binary");
@@ -615,7 +634,7 @@ impl Bin {
         });
         let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("{line:?}"));
         let addr: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
-        Bin { child, addr, listening_line: line.trim().to_string(), stderr, _index: index }
+        Bin { child, addr, listening_line: line.trim().to_string(), stderr, _index: index, _data: data }
     }
 
     fn wait_ready(&self, headers: &[(&str, &str)]) {
@@ -779,4 +798,112 @@ fn openai_python_client_against_binary() {
 
     bin.sigterm();
     assert_eq!(bin.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", bin.stderr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash safety
+
+/// Opens a streamed chat on `addr` and reads until `chunks` content chunks arrived; returns the
+/// open connection (still streaming) and the text so far.
+fn open_stream(addr: SocketAddr, body: &serde_json::Value, chunks: usize) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.to_string();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw);
+        let contents: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+            .filter(|c| !c.is_empty())
+            .collect();
+        if contents.len() >= chunks {
+            return (s, contents.concat());
+        }
+    }
+}
+
+/// SIGKILL in the middle of streamed answers: after a restart every acknowledged turn is there
+/// (customer messages whose answer had started, answers the client got whole), the cut-off answers
+/// are marked interrupted, the conversations go on, and SQLite's integrity check passes.
+#[test]
+fn acknowledged_turns_survive_sigkill_mid_stream() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_string();
+    let key = "agent-key-crash-test-0123456789";
+    let args = ["--data-dir", data_dir.as_str(), "--agent-api-key", key];
+    let bin = Bin::spawn(&args, &[]);
+    bin.wait_ready(&[]);
+    let auth = format!("Bearer {key}");
+    let agent = [("authorization", auth.as_str())];
+    let chat = |conv: &str, question: &str, stream: bool, max_tokens: u32| {
+        serde_json::json!({
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0, "max_tokens": max_tokens, "stream": stream,
+            "helpline": {"conversation_id": conv, "grounding": false, "customer": {"id": "crash-customer"}},
+        })
+    };
+    // One answer the client received whole.
+    let done = http(bin.addr, "POST", "/v1/chat/completions", &[("content-type", "application/json")], Some(&chat("conv-done", "Say hello.", false, 12).to_string()));
+    assert_eq!(done.status, 200, "{}", done.body);
+    let done_answer: serde_json::Value = serde_json::from_str(&done.body).unwrap();
+    // Three answers in the middle of streaming.
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let conv = format!("conv-streaming-{i}");
+        let (conn, sent) = open_stream(bin.addr, &chat(&conv, "Write a long story about a lighthouse keeper.", true, 400), 3);
+        open.push((conv, conn, sent));
+    }
+    let mut bin = bin;
+    bin.child.kill().unwrap(); // SIGKILL
+    bin.child.wait().unwrap();
+
+    let bin2 = Bin::spawn(&args, &[]);
+    bin2.wait_ready(&[]);
+    assert!(bin2.stderr().contains("marked interrupted"), "{}", bin2.stderr());
+    let get_conv = |id: &str| -> serde_json::Value {
+        let r = get(bin2.addr, &format!("/v1/conversations/{id}"), &agent);
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+        serde_json::from_str(&r.body).unwrap()
+    };
+    let c = get_conv("conv-done");
+    let turns = c["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 2);
+    assert_eq!(turns[1]["state"], "complete");
+    assert_eq!(turns[1]["content"], done_answer["choices"][0]["message"]["content"]);
+    for (conv, _, sent) in &open {
+        let c = get_conv(conv);
+        let turns = c["turns"].as_array().unwrap();
+        assert_eq!(turns.len(), 2, "{c}");
+        assert_eq!(turns[0]["content"], "Write a long story about a lighthouse keeper.", "the customer's turn is intact");
+        assert_eq!(turns[1]["state"], "interrupted", "{c}");
+        assert!(!sent.is_empty());
+    }
+    // The conversations go on after the restart.
+    let next = http(bin2.addr, "POST", "/v1/chat/completions", &[("content-type", "application/json")], Some(&chat("conv-streaming-0", "Hello again.", false, 8).to_string()));
+    assert_eq!(next.status, 200, "{}", next.body);
+    let c = get_conv("conv-streaming-0");
+    assert_eq!(c["turns"].as_array().unwrap().len(), 4);
+    assert_eq!(c["turns"][3]["seq"], 4);
+    drop(bin2);
+    // The database file is consistent.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}/helpline.db", data_dir);
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let row: (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(&mut conn).await.unwrap();
+        assert_eq!(row.0, "ok");
+    });
 }

@@ -51,6 +51,17 @@ pub async fn start_grounded_server(cfg: ServeConfig) -> TestServer {
     start_server(cfg).await
 }
 
+/// [`start_server`] without the test agent key: agent routes are off unless `cfg` names a key.
+pub async fn start_server_without_agents(cfg: ServeConfig) -> TestServer {
+    let loaded = default_model(&cfg);
+    let mut cfg = grounded_config(cfg);
+    cfg.conversations.agent_key_hashes.retain(|h| *h != helpline::server::auth::digest(AGENT_KEY));
+    let state = AppState::new(cfg);
+    state.set_loaded(loaded);
+    state.set_knowledge(support::knowledge().1.clone());
+    serve_state(state).await
+}
+
 /// Points the config's docs and index directories at the shared test index, so routes that
 /// read them (reload) see the same base the state holds.
 fn grounded_config(mut cfg: ServeConfig) -> ServeConfig {
