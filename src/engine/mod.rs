@@ -135,6 +135,13 @@ impl EngineStats {
         self.mask_nanos_total.fetch_add(nanos, Ordering::Relaxed);
         self.mask_nanos_max.fetch_max(nanos, Ordering::Relaxed);
     }
+
+    /// Time the same step spent checking the sampled token against the other constraints (and,
+    /// when one refused it, the full mask), added to the step's mask time.
+    fn add_mask_time(&self, elapsed: Duration) {
+        let nanos = elapsed.as_nanos().min(u64::MAX as u128) as u64;
+        self.mask_nanos_total.fetch_add(nanos, Ordering::Relaxed);
+    }
 }
 
 /// Handle to the engine thread. Dropping it stops the thread once queued work is done.
@@ -429,15 +436,30 @@ impl Worker {
             seq.prompt_done = Some(Instant::now());
         }
         let mut logits: Vec<f32> = logits.to_vec1()?;
+        // Several constraints: the first one's mask, then a check of the sampled token against
+        // the others; the full mask only when they refuse it (see `GuardMatcher::fill_first_mask`).
+        let backup = seq.guard.as_ref().filter(|g| g.parts() > 1).map(|_| logits.clone());
         if let Some(guard) = seq.guard.as_mut() {
-            match guard.fill_mask(&mut logits) {
+            match guard.fill_first_mask(&mut logits) {
                 Ok(m) => self.stats.record_mask(m.elapsed),
-                Err(crate::guard::grammar::GuardError::DeadEnd) => return Ok(finish(seq, FinishReason::ContentFilter)),
                 Err(e) => return Ok(fail(seq, format!("the output constraint failed: {e}"))),
             }
         }
         let generated = seq.generated();
-        let id = seq.sampler.sample(&mut logits, &seq.context, generated);
+        let mut id = seq.sampler.sample(&mut logits, &seq.context, generated);
+        if let (Some(guard), Some(mut full)) = (seq.guard.as_mut(), backup) {
+            let started = Instant::now();
+            match guard.others_allow(id) {
+                Ok(true) => {}
+                Ok(false) => match guard.fill_mask(&mut full) {
+                    Ok(_) => id = seq.sampler.sample(&mut full, &seq.context, generated),
+                    Err(crate::guard::grammar::GuardError::DeadEnd) => return Ok(finish(seq, FinishReason::ContentFilter)),
+                    Err(e) => return Ok(fail(seq, format!("the output constraint failed: {e}"))),
+                },
+                Err(e) => return Ok(fail(seq, format!("the output constraint failed: {e}"))),
+            }
+            self.stats.add_mask_time(started.elapsed());
+        }
         seq.first_token.get_or_insert_with(Instant::now);
         self.stats.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
         if self.tokenizer.eog_ids().contains(&id) {

@@ -731,6 +731,55 @@ impl GuardMatcher {
         Ok(MaskStats { elapsed: start.elapsed(), allowed, eos_allowed })
     }
 
+    /// The fast path for several constraints: only the first one's mask (its logits then hold a
+    /// superset of what all allow). The caller samples, asks [`others_allow`](Self::others_allow)
+    /// about the token, and only when another constraint refuses it computes the full mask with
+    /// [`fill_mask`](Self::fill_mask) and samples again. Other constraints (the pack's bounds, say)
+    /// rarely bind, so most tokens cost one mask plus a cheap check. Greedy decoding picks the same
+    /// token either way; sampled decoding keeps its distribution (a rejected draw is redrawn from
+    /// the full mask, which renormalises exactly over the allowed tokens).
+    pub fn fill_first_mask(&mut self, logits: &mut [f32]) -> Result<MaskStats, GuardError> {
+        if self.parts.len() == 1 {
+            return self.fill_mask(logits);
+        }
+        let start = Instant::now();
+        let mask = self.parts[0].inner.compute_mask_or_eos().map_err(|e| GuardError::Matcher(tidy(&e.to_string())))?;
+        let allowed = mask.num_set();
+        if allowed == 0 {
+            return Err(GuardError::Matcher("no token is allowed in this state".into()));
+        }
+        apply(&mask, logits);
+        let eos_allowed = self.eos.iter().any(|&t| mask.is_allowed(t));
+        Ok(MaskStats { elapsed: start.elapsed(), allowed, eos_allowed })
+    }
+
+    /// Whether every constraint but the first allows `token` next (see
+    /// [`fill_first_mask`](Self::fill_first_mask)). Nothing is consumed.
+    pub fn others_allow(&mut self, token: u32) -> Result<bool, GuardError> {
+        let eos = self.eos.contains(&token);
+        for p in self.parts.iter_mut().skip(1) {
+            if eos {
+                if !(p.accepting || p.inner.is_stopped()) {
+                    return Ok(false);
+                }
+                continue;
+            }
+            if p.inner.is_stopped() {
+                return Ok(false);
+            }
+            let n = p.inner.validate_tokens(&[token]).map_err(|e| GuardError::Matcher(tidy(&e.to_string())))?;
+            if n != 1 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// How many constraints run together.
+    pub fn parts(&self) -> usize {
+        self.parts.len()
+    }
+
     /// The allowed token set (llguidance's bit vector), for callers that need more than -inf.
     ///
     /// With several constraints, their masks are computed in parallel (the model is idle while
@@ -739,7 +788,7 @@ impl GuardMatcher {
         use rayon::prelude::*;
         let one = |p: &mut Part| p.inner.compute_mask_or_eos().map_err(|e| GuardError::Matcher(tidy(&e.to_string())));
         let mut masks = if self.parts.len() == 1 {
-            vec![one(&mut self.parts[0])?]
+            self.parts.iter_mut().map(one).collect::<Result<Vec<_>, _>>()?
         } else {
             self.parts.par_iter_mut().map(one).collect::<Result<Vec<_>, _>>()?
         };
