@@ -120,7 +120,16 @@ fn main() {
         shape: Shape::Answer,
     };
     let shipped_name = format!("shipped pack ({} phrases)", shipped.forbidden.len());
+    // The pack's bounds, as their own grammar (run beside the answer grammar).
+    let bounds = PolicyGrammar {
+        forbidden: pack.bounds.iter().flat_map(helpline::guard::bounds::forbidden).collect(),
+        citations: 0,
+        refusal: String::new(),
+        shape: Shape::Filter { json: false },
+    };
+    let bounds_name = format!("shipped bounds ({} patterns)", bounds.forbidden.len());
     for (name, constraint, texts) in [
+        (bounds_name.as_str(), Constraint::Policy(bounds), ANSWERS),
         ("policy (8 rules, [1]..[5])", Constraint::Policy(policy), ANSWERS),
         (shipped_name.as_str(), Constraint::Policy(shipped), ANSWERS),
         ("json_schema (4 fields)", Constraint::JsonSchema { schema, strict: true }, JSONS),
