@@ -200,9 +200,12 @@ async fn chat_turns_are_stored_in_postgres() {
 
 /// A loopback webhook receiver: answers each request with the next status of `script` (the last
 /// one repeats) and records what it got.
+/// One request the receiver got: its headers (names lower-cased) and body.
+type Received = (Vec<(String, String)>, Vec<u8>);
+
 struct Receiver {
     addr: std::net::SocketAddr,
-    got: Arc<Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>,
+    got: Arc<Mutex<Vec<Received>>>,
 }
 
 async fn receiver(script: Vec<u16>) -> Receiver {
@@ -280,8 +283,20 @@ async fn wait_until<T>(limit: Duration, what: &str, mut probe: impl AsyncFnMut()
 /// without the model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escalation_hands_over_with_a_summary_and_a_signed_webhook() {
+    escalation(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalation_hands_over_with_a_summary_and_a_signed_webhook_on_postgres() {
+    let Some(url) = postgres_url("escalation").await else { return };
+    escalation(Some(url)).await;
+}
+
+async fn escalation(database_url: Option<String>) {
     let rx = receiver(vec![500, 200]).await;
-    let server = start_server(webhook_config(format!("http://{}/hooks/helpline", rx.addr))).await;
+    let mut cfg = webhook_config(format!("http://{}/hooks/helpline", rx.addr));
+    cfg.conversations.database_url = database_url;
+    let server = start_server(cfg).await;
     let id = "conv-handoff-1";
     ok(&server.post_json("/v1/chat/completions", &turn("How do I reset my password?", id, json!({}))).await);
     let resp = ok(&server
@@ -366,7 +381,18 @@ async fn a_webhook_receiver_that_is_down_gets_a_dead_letter() {
 /// routes are off. Feedback and rates reach /metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scopes_feedback_and_rates() {
+    scopes_feedback(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_feedback_and_rates_on_postgres() {
+    let Some(url) = postgres_url("feedback").await else { return };
+    scopes_feedback(Some(url)).await;
+}
+
+async fn scopes_feedback(database_url: Option<String>) {
     let mut cfg = config();
+    cfg.conversations.database_url = database_url;
     cfg.api_key_hashes = vec![helpline::server::auth::digest("customer-key-0123456789")];
     let server = start_server(cfg).await;
     let customer = [("authorization", "Bearer customer-key-0123456789"), ("content-type", "application/json")];
@@ -409,7 +435,19 @@ async fn scopes_feedback_and_rates() {
 /// replay regenerates the answer identically for greedy and for seeded sampling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_records_and_identical_replay() {
-    let server = start_server(config()).await;
+    audit_and_replay(config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_and_identical_replay_on_postgres() {
+    let Some(url) = postgres_url("audit").await else { return };
+    let mut cfg = config();
+    cfg.conversations.database_url = Some(url);
+    audit_and_replay(cfg).await;
+}
+
+async fn audit_and_replay(cfg: ServeConfig) {
+    let server = start_server(cfg).await;
     let model_sha = {
         use sha2::Digest;
         format!("{:x}", sha2::Sha256::digest(std::fs::read(support::smollm2_path()).unwrap()))
@@ -468,7 +506,19 @@ async fn a_client_that_goes_away_leaves_a_disconnected_answer() {
 /// Purge by age and request validation of the conversation fields.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_and_field_validation() {
-    let server = start_server(config()).await;
+    purge_and_fields(config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_and_field_validation_on_postgres() {
+    let Some(url) = postgres_url("purge").await else { return };
+    let mut cfg = config();
+    cfg.conversations.database_url = Some(url);
+    purge_and_fields(cfg).await;
+}
+
+async fn purge_and_fields(cfg: ServeConfig) {
+    let server = start_server(cfg).await;
     ok(&server.post_json("/v1/chat/completions", &turn("Hi", "conv-purge", json!({"max_tokens": 4}))).await);
     let r = ok(&server.agent_post_json("/v1/conversations/purge", &json!({"older_than_days": 1})).await);
     assert_eq!(r["conversations"], 0, "a fresh conversation is kept");
