@@ -53,6 +53,10 @@ pub struct ConversationsConfig {
     pub store_sync: String,
     /// Conversations untouched for this many days are purged (0: kept until deleted).
     pub retention_days: u64,
+    /// A stable name for this replica (pod or host name) when several share PostgreSQL: a restarted
+    /// replica then marks its own cut-off answers interrupted at once. None: `local` for SQLite, a
+    /// random name for PostgreSQL (leftovers are then interrupted after 10 minutes).
+    pub instance_id: Option<String>,
     /// sha256 digests of the agent keys: agent routes (conversations, assist, KB drafts, audit)
     /// need one of them; with none configured those routes are refused.
     pub agent_key_hashes: Vec<[u8; 32]>,
@@ -72,6 +76,7 @@ impl Default for ConversationsConfig {
             database_url: None,
             store_sync: "full".into(),
             retention_days: 365,
+            instance_id: None,
             agent_key_hashes: Vec::new(),
             webhook_url: None,
             webhook_secret: None,
@@ -298,6 +303,9 @@ pub struct ServeArgs {
     /// Purge conversations untouched for this many days (default 365; 0 keeps them until deleted).
     #[arg(long)]
     pub retention_days: Option<u64>,
+    /// This replica's stable name (e.g. the pod name) when replicas share PostgreSQL.
+    #[arg(long)]
+    pub instance_id: Option<String>,
     /// Accept this key for agent routes (conversations, assist, KB drafts, audit); repeatable. Without one
     /// those routes are refused.
     #[arg(long = "agent-api-key", value_name = "KEY")]
@@ -399,6 +407,7 @@ pub const SETTINGS: &[&str] = &[
     "database_url",
     "store_sync",
     "retention_days",
+    "instance_id",
     "agent_api_key",
     "agent_api_keys_file",
     "handoff_webhook_url",
@@ -563,6 +572,17 @@ pub fn load_with_env(
         database_url,
         store_sync,
         retention_days: r.int("retention_days", 0, 36_500)?.unwrap_or(cd.retention_days),
+        instance_id: match r.pick("instance_id") {
+            Some((raw, src)) => {
+                let v = raw.single("instance_id", &src)?;
+                let ok = (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+                if !ok {
+                    return Err(ConfigError::new("instance_id", Some(src), "expected 1 to 64 characters of A-Z a-z 0-9 _ . : -"));
+                }
+                Some(v)
+            }
+            None => None,
+        },
         agent_key_hashes,
         webhook_url,
         webhook_secret,
@@ -695,6 +715,7 @@ impl Resolver<'_> {
             "database_url" => a.database_url.clone().map(Raw::Text),
             "store_sync" => a.store_sync.clone().map(Raw::Text),
             "retention_days" => int(a.retention_days),
+            "instance_id" => a.instance_id.clone().map(Raw::Text),
             "agent_api_key" => list(&a.agent_api_key),
             "agent_api_keys_file" => a.agent_api_keys_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
             "handoff_webhook_url" => a.handoff_webhook_url.clone().map(Raw::Text),

@@ -74,7 +74,7 @@ pub async fn open_with(state: &AppState, c: &crate::config::ConversationsConfig)
     };
     let sync = if c.store_sync == "normal" { Synchronous::Normal } else { Synchronous::Full };
     // Recovery runs below, so its count can be reported.
-    let opts = StoreOptions { synchronous: sync, recover_on_open: false, ..StoreOptions::default() };
+    let opts = StoreOptions { synchronous: sync, recover_on_open: false, instance: c.instance_id.clone(), ..StoreOptions::default() };
     let store = Store::open(&target, opts).await.map_err(|e| format!("cannot open the conversation store: {e}"))?;
     let interrupted = store.recover().await.map_err(|e| format!("cannot recover the conversation store: {e}"))?;
     if interrupted > 0 {
