@@ -25,8 +25,10 @@ use axum::{Json, Router};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
-use super::conversations::sentiment;
+use super::conversations::{sentiment, AGENT_ROUTES_OFF, NO_AGENT_KEY, STORE_DOWN};
+use super::dto::ErrorResponse;
 use super::error::{ApiError, ApiJson};
 use super::grounding::{passage_out, passage_url, retrieval_error};
 use super::validate::{self, ValidSampling};
@@ -81,21 +83,37 @@ pub const CASE_SUMMARY_SCHEMA: &str = include_str!("../../docs/schemas/case-summ
 // The case: a stored conversation or a pasted ticket
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Default, Deserialize)]
-struct DraftIn {
+/// Body of the reply draft route: exactly one of `conversation_id` and `ticket`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = AssistDraftRequest)]
+pub struct DraftIn {
+    /// A stored conversation: 1 to 64 characters of `A-Z a-z 0-9 _ . : -`.
     conversation_id: Option<String>,
+    /// Pasted ticket text: 1 to 8000 characters, not all blank.
+    #[schema(max_length = 8000)]
     ticket: Option<String>,
+    /// The agent's note for the reply: up to 2000 characters (blank: none).
+    #[schema(max_length = 2000)]
     note: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct SummarizeIn {
+/// Body of the case summary route: exactly one of `conversation_id` and `ticket`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = AssistSummarizeRequest)]
+pub struct SummarizeIn {
+    /// A stored conversation: 1 to 64 characters of `A-Z a-z 0-9 _ . : -`.
     conversation_id: Option<String>,
+    /// Pasted ticket text: 1 to 8000 characters, not all blank.
+    #[schema(max_length = 8000)]
     ticket: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct KbDraftIn {
+/// Body of the knowledge-base draft route.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = KbDraftRequest)]
+pub struct KbDraftIn {
+    /// The stored conversation whose latest agent answer becomes the article.
+    #[schema(value_type = String, required = true)]
     conversation_id: Option<String>,
 }
 
@@ -484,7 +502,37 @@ struct DraftPlan {
     query_words: HashSet<String>,
 }
 
-async fn draft(State(state): State<SharedState>, ApiJson(req): ApiJson<DraftIn>) -> Result<Json<Value>, ApiError> {
+/// Draft a reply for an agent.
+///
+/// A reply the agent can edit and send, for a stored conversation or a pasted ticket: greeting, a
+/// short model paragraph kept only when the retrieved passages support it, the passages' own words
+/// with `[n]` markers, and closing; with citations, an outline, a history summary, and the guard and
+/// grounding reports. See `docs/assist.md`. Agent route: needs an agent key.
+#[utoipa::path(
+    post,
+    path = "/v1/assist/draft",
+    tag = "assist",
+    operation_id = "assistDraft",
+    request_body = DraftIn,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "`{object: \"assist.draft\", draft, citations: [{index, doc_id, title, section, url, snippet}], \
+history_summary, outline: [string], guard: {policy_version, grammar_hash, constrained_by, checked_phrases, dropped, out_of_scope}, \
+generation: {used, verdict, finish_reason, tokens, support, min_support, invalid_citations}, \
+grounding: {status: grounded|no_relevant_docs, reason, query, index_version, min_relevance, passages}}`", body = Object),
+        (status = 400, description = "Malformed JSON, or the draft's prompt does not fit the model's context (`context_length_exceeded`)", body = ErrorResponse),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
+        (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
+        (status = 422, description = "Not exactly one of `conversation_id` and `ticket`, a field out of range, or a conversation without a customer message (`param` names the field)", body = ErrorResponse),
+        (status = 429, description = "The queue is full (`queue_full`); retry after `Retry-After` seconds", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "Generation failed, the policy grammar does not compile, or the store failed", body = ErrorResponse),
+        (status = 503, description = "The model is still loading (`not_ready`), no search index is open (`no_index`), no policy pack is loaded (`no_policy`), or the store is down (`store_unavailable`)", body = ErrorResponse),
+    )
+)]
+pub async fn draft(State(state): State<SharedState>, ApiJson(req): ApiJson<DraftIn>) -> Result<Json<Value>, ApiError> {
     let source = source(req.conversation_id, req.ticket)?;
     let note = match req.note {
         Some(n) if n.trim().is_empty() => None,
@@ -901,7 +949,7 @@ fn outline(case: &Case, history: &Value, plan: &DraftPlan, citations: &[Citation
 // ---------------------------------------------------------------------------------------------
 
 /// A case summary; its JSON Schema is `docs/schemas/case-summary.schema.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CaseSummary {
     pub issue: String,
     pub steps: Vec<String>,
@@ -917,7 +965,31 @@ const OUTCOME_CHARS: usize = 400;
 const QUESTION_CHARS: usize = 300;
 const MAX_OPEN_QUESTIONS: usize = 10;
 
-async fn summarize(State(state): State<SharedState>, ApiJson(req): ApiJson<SummarizeIn>) -> Result<Json<Value>, ApiError> {
+/// Summarize a case.
+///
+/// What happened in a stored conversation or a pasted ticket, built by code from the turns (nothing
+/// is generated): the issue, the steps taken, the outcome and the open questions, as JSON valid
+/// against `docs/schemas/case-summary.schema.json` and as text. Agent route: needs an agent key.
+#[utoipa::path(
+    post,
+    path = "/v1/assist/summarize",
+    tag = "assist",
+    operation_id = "assistSummarize",
+    request_body = SummarizeIn,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "`{object: \"assist.summary\", schema_id: \"helpline/case-summary\", text, summary: CaseSummary}`", body = Object),
+        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
+        (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
+        (status = 422, description = "Not exactly one of `conversation_id` and `ticket`, or a field out of range (`param` names it)", body = ErrorResponse),
+        (status = 500, description = "The store failed", body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn summarize(State(state): State<SharedState>, ApiJson(req): ApiJson<SummarizeIn>) -> Result<Json<Value>, ApiError> {
     let source = source(req.conversation_id, req.ticket)?;
     let case = load_case(&state, source).await?;
     let summary = case_summary(&case);
@@ -1207,7 +1279,33 @@ fn question_and_answer(case: &Case) -> Option<(String, &Msg)> {
     Some((chosen.iter().map(|t| t.trim()).collect::<Vec<_>>().join("\n\n"), answer))
 }
 
-async fn kb_draft(State(state): State<SharedState>, ApiJson(req): ApiJson<KbDraftIn>) -> Result<Json<Value>, ApiError> {
+/// Draft a knowledge-base article from an agent's answer.
+///
+/// The conversation's latest agent answer to a customer question is written as an article draft
+/// (`status: draft`, never indexed) to `<docs_dir>/drafts/<id>.md`; drafting the same answer again
+/// rewrites its draft. `policy_warnings` lists the policy rules the answer trips. Agent route: needs
+/// an agent key.
+#[utoipa::path(
+    post,
+    path = "/v1/assist/kb-draft",
+    tag = "assist",
+    operation_id = "assistKbDraft",
+    request_body = KbDraftIn,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "`{id, path, status: \"draft\", title, product_area, conversation_id, policy_warnings, markdown}`", body = Object),
+        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
+        (status = 409, description = "Every id for the draft is taken (`draft_id_taken`)", body = ErrorResponse),
+        (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
+        (status = 422, description = "`conversation_id` is missing or malformed, or the conversation has no agent answer to a customer question", body = ErrorResponse),
+        (status = 500, description = "The store or the server failed", body = ErrorResponse),
+        (status = 503, description = "No policy pack is loaded (`no_policy`), the docs directory cannot be written (`docs_unwritable`), or the store is down (`store_unavailable`)", body = ErrorResponse),
+    )
+)]
+pub async fn kb_draft(State(state): State<SharedState>, ApiJson(req): ApiJson<KbDraftIn>) -> Result<Json<Value>, ApiError> {
     let id = req.conversation_id.ok_or_else(|| ApiError::invalid_field("conversation_id", "`conversation_id` is required"))?;
     check_conversation_id(&id)?;
     let case = load_case(&state, Source::Conversation(id.clone())).await?;
@@ -1317,8 +1415,24 @@ struct DraftEntry {
     source_conversation: Option<String>,
 }
 
-/// `GET /v1/kb/drafts`: the drafts awaiting review, newest first.
-async fn list_drafts(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
+/// List knowledge-base drafts.
+///
+/// The drafts awaiting review (files in `<docs_dir>/drafts/` with `status: draft`), newest
+/// `updated` first. Agent route: needs an agent key.
+#[utoipa::path(
+    get,
+    path = "/v1/kb/drafts",
+    tag = "assist",
+    operation_id = "listKbDrafts",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "`{object: \"list\", data: [{id, title, status, updated, product_area, path, source_conversation}]}`", body = Object),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 500, description = "The server failed", body = ErrorResponse),
+    )
+)]
+pub async fn list_drafts(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
     let dir = state.config.grounding.docs_dir.join(DRAFTS_DIR);
     let entries = tokio::task::spawn_blocking(move || drafts_in(&dir)).await.map_err(ApiError::internal)?;
     Ok(Json(json!({"object": "list", "data": entries})))
@@ -1352,9 +1466,31 @@ fn drafts_in(dir: &Path) -> Vec<DraftEntry> {
     out
 }
 
-/// `POST /v1/kb/{id}/approve`: the draft becomes an approved article in its product area's folder
-/// and the index is rebuilt, so retrieval finds it without a restart.
-async fn approve(State(state): State<SharedState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
+/// Approve a knowledge-base draft.
+///
+/// The draft becomes an approved article in its product area's folder
+/// (`<docs_dir>/<product_area>/<id>.md`, `status: approved`, `updated` today) and the index is
+/// rebuilt and switched as `POST /v1/index/reload` does, so retrieval finds it without a restart.
+/// Agent route: needs an agent key.
+#[utoipa::path(
+    post,
+    path = "/v1/kb/{id}/approve",
+    tag = "assist",
+    operation_id = "approveKbDraft",
+    params(("id" = String, Path, description = "The draft's id: kebab-case, at most 80 characters")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "`{id, status: \"approved\", path, searchable, index}`; `index` is the report of `POST /v1/index/reload` (`ReloadResponse`)", body = Object),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such draft (`draft_not_found`)", body = ErrorResponse),
+        (status = 409, description = "The file is not a draft or its front matter is unsound (`not_a_draft`, `draft_invalid`), the id is already approved (`id_taken`), or another process is writing the index (`index_locked`)", body = ErrorResponse),
+        (status = 422, description = "`id` is not kebab-case", body = ErrorResponse),
+        (status = 500, description = "Indexing or the server failed (an approved file stays in place for the next reload)", body = ErrorResponse),
+        (status = 503, description = "The docs directory cannot be read or written (`docs_unreadable`, `docs_unwritable`), or the new index cannot be opened (`no_index`)", body = ErrorResponse),
+    )
+)]
+pub async fn approve(State(state): State<SharedState>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, ApiError> {
     check_article_id(&id)?;
     let st = state.clone();
     let doc_id = id.clone();

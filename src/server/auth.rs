@@ -52,7 +52,7 @@ pub fn is_public(method: &Method, path: &str) -> bool {
 }
 
 /// Routes for support agents (their own key scope): conversations, customers' data, agent assist,
-/// KB drafts, audit and replay. A customer may still hand its own conversation over and leave
+/// KB drafts, audit and replay, the webhook outbox. A customer may still hand its own conversation over and leave
 /// feedback (those two routes are in the customer scope).
 pub fn is_agent_route(method: &Method, path: &str) -> bool {
     let customer_side = *method == Method::POST
@@ -61,7 +61,9 @@ pub fn is_agent_route(method: &Method, path: &str) -> bool {
     if customer_side {
         return false;
     }
-    ["/v1/conversations", "/v1/customers/", "/v1/assist/", "/v1/kb/", "/v1/answers/"].iter().any(|p| path == p.trim_end_matches('/') || path.starts_with(p))
+    ["/v1/conversations", "/v1/customers/", "/v1/assist/", "/v1/kb/", "/v1/answers/", "/v1/deliveries"]
+        .iter()
+        .any(|p| path == p.trim_end_matches('/') || path.starts_with(p))
 }
 
 /// Middleware: agent routes need an agent key (and are refused when none is configured); the rest

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,9 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
+use super::dto::ErrorResponse;
 use super::error::{ApiError, ApiJson};
 use super::{AppState, SharedState};
 use crate::store::{
@@ -42,9 +45,40 @@ pub fn routes() -> Router<SharedState> {
         .route("/v1/answers/{id}/audit", get(audit))
 }
 
-/// `GET /v1/answers/{id}/audit`: the answer's audit record (model, tokenizer and template hashes,
-/// index and policy versions, passages with scores, sampling and seed, guard outcome, the request).
-async fn audit(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+// Response descriptions the OpenAPI annotations of the agent routes share (here, in `assist.rs`
+// and in `openai.rs`).
+pub(super) const NO_AGENT_KEY: &str =
+    "No agent key was sent (`invalid_api_key`): agent routes need an agent key, and a customer API key is refused";
+pub(super) const AGENT_ROUTES_OFF: &str = "No agent key is configured, so agent routes are off (`agent_routes_disabled`)";
+pub(super) const STORE_DOWN: &str = "The conversation store is not open or cannot be reached (`store_unavailable`)";
+pub(super) const STORE_FAILED: &str = "The conversation store failed (`internal_error`)";
+const CONVERSATION_SHAPE: &str = "The conversation: `{id, customer: {id, account_id, plan, locale, attributes}, \
+status: open|handed_off|resolved, created_ms, updated_ms, turns, handoff: {reason, summary, by, at_ms}|null, \
+feedback: {helpful, resolved, comment, at_ms}|null}`";
+const PURGE_SHAPE: &str = "What was deleted: `{conversations, turns}` (counts)";
+
+/// The audit record of an answer.
+///
+/// The record of a bot answer: model, tokenizer and template hashes, index and policy versions,
+/// passages with scores, sampling and seed, guard outcome, prompt size and the request as received.
+/// Agent route: needs an agent key.
+#[utoipa::path(
+    get,
+    path = "/v1/answers/{id}/audit",
+    tag = "conversations",
+    operation_id = "getAnswerAudit",
+    params(("id" = String, Path, description = "The answer id (`helpline.answer_id` of the chat answer)")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The audit record, with `answer_id`, `conversation_id` and the answer's `state` added", body = Object),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such answer, or the turn has no audit record because it is not a bot answer (`not_found`)", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn audit(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let turn = state.store()?.get_turn(&id).await.map_err(ApiError::store)?;
     let mut audit = turn.audit.ok_or_else(|| ApiError::not_found("not_found", format!("answer `{id}` has no audit record (it is not a bot answer)")))?;
     if let Value::Object(a) = &mut audit {
@@ -151,7 +185,7 @@ impl DeliveryLog for StoreLog {
 // Reading
 // ---------------------------------------------------------------------------------------------
 
-/// Query of the list and export routes.
+/// Query of the list and export routes (documented inline in their OpenAPI annotations).
 #[derive(Debug, Default, Deserialize)]
 pub struct ListQuery {
     /// `open`, `handed_off` or `resolved`.
@@ -162,6 +196,11 @@ pub struct ListQuery {
     /// 1 to 500 (default 50).
     pub limit: Option<u32>,
     pub cursor: Option<String>,
+}
+
+/// A query string that does not parse is a 422 in the error table (not axum's plain text).
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v).map_err(|e| ApiError::invalid_field("query", format!("the query string is not valid: {}", e.body_text())))
 }
 
 fn filter(q: &ListQuery) -> Result<ConversationFilter, ApiError> {
@@ -188,34 +227,125 @@ fn filter(q: &ListQuery) -> Result<ConversationFilter, ApiError> {
     })
 }
 
-#[derive(Serialize)]
-struct ListOut {
+/// A page of conversations.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ConversationList)]
+pub struct ListOut {
+    /// Always `list`.
+    #[schema(value_type = String, example = "list")]
     object: &'static str,
+    /// Conversations without their turns, newest-updated first; each is `{id, customer: {id, account_id,
+    /// plan, locale, attributes}, status, created_ms, updated_ms, turns, handoff, feedback}`.
+    #[schema(value_type = Vec<Object>)]
     data: Vec<Conversation>,
+    /// Pass as `cursor` to get the next page; null on the last page.
     next_cursor: Option<String>,
 }
 
-/// `GET /v1/conversations`: newest-updated first, paged by `cursor`.
-async fn list(State(state): State<SharedState>, Query(q): Query<ListQuery>) -> Result<Json<ListOut>, ApiError> {
+/// List conversations.
+///
+/// Newest-updated first, in keyset pages: pass `next_cursor` back as `cursor` for the next page.
+/// Agent route: needs an agent key.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations",
+    tag = "conversations",
+    operation_id = "listConversations",
+    params(
+        ("status" = Option<String>, Query, description = "Only conversations in this status: `open`, `handed_off` or `resolved`"),
+        ("customer_id" = Option<String>, Query, description = "Only this customer's conversations"),
+        ("updated_after_ms" = Option<i64>, Query, description = "Only those updated at or after this time (ms since the Unix epoch, inclusive)"),
+        ("updated_before_ms" = Option<i64>, Query, description = "Only those updated before this time (ms since the Unix epoch, exclusive)"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page; absent: start at the newest"),
+    ),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "One page of conversations", body = ListOut),
+        (status = 400, description = "`cursor` is not one this store returned (`invalid_value`)", body = ErrorResponse),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 422, description = "A query parameter is of the wrong type (`param` is `query`), or `status` or `limit` is out of range (`param` names it)", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn list(State(state): State<SharedState>, q: Result<Query<ListQuery>, QueryRejection>) -> Result<Json<ListOut>, ApiError> {
+    let q = query(q)?;
     let page = state.store()?.list_conversations(&filter(&q)?).await.map_err(ApiError::store)?;
     Ok(Json(ListOut { object: "list", data: page.items, next_cursor: page.next_cursor }))
 }
 
-#[derive(Serialize)]
+/// A conversation with all its turns.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ConversationWithTurns)]
 pub struct ConversationOut {
+    /// `{id, customer: {id, account_id, plan, locale, attributes}, status: open|handed_off|resolved,
+    /// created_ms, updated_ms, turns, handoff: {reason, summary, by, at_ms}|null, feedback|null}`.
+    #[schema(value_type = Object)]
     pub conversation: Conversation,
+    /// In order; each is `{id, conversation_id, seq, role: customer|bot|agent, content,
+    /// state: complete|pending|interrupted|disconnected|failed, created_ms, completed_ms, finish_reason,
+    /// detail, audit, feedback}`.
+    #[schema(value_type = Vec<Object>)]
     pub turns: Vec<Turn>,
 }
 
-/// `GET /v1/conversations/{id}`: the conversation and every turn, in order.
-async fn one(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<ConversationOut>, ApiError> {
+/// Get a conversation and its turns.
+///
+/// The conversation and every turn, in order. Agent route: needs an agent key.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{id}",
+    tag = "conversations",
+    operation_id = "getConversation",
+    params(("id" = String, Path, description = "The conversation id")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The conversation and its turns", body = ConversationOut),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn one(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<ConversationOut>, ApiError> {
     let (conversation, turns) = state.store()?.get_conversation(&id).await.map_err(ApiError::store)?;
     Ok(Json(ConversationOut { conversation, turns }))
 }
 
-/// `GET /v1/conversations/export`: JSON Lines, one conversation with its turns per line, streamed
-/// page by page (the whole store is never held in memory).
-async fn export(State(state): State<SharedState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+/// Export conversations as JSON Lines.
+///
+/// One `{conversation, turns}` object per line (`application/x-ndjson`), selected as the list
+/// selects them and streamed page by page (the whole store is never held in memory). A store
+/// failure part-way, or a `cursor` the store did not return, cuts the stream off (the status is
+/// already 200). Agent route: needs an agent key.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/export",
+    tag = "conversations",
+    operation_id = "exportConversations",
+    params(
+        ("status" = Option<String>, Query, description = "Only conversations in this status: `open`, `handed_off` or `resolved`"),
+        ("customer_id" = Option<String>, Query, description = "Only this customer's conversations"),
+        ("updated_after_ms" = Option<i64>, Query, description = "Only those updated at or after this time (ms since the Unix epoch, inclusive)"),
+        ("updated_before_ms" = Option<i64>, Query, description = "Only those updated before this time (ms since the Unix epoch, exclusive)"),
+        ("limit" = Option<u32>, Query, description = "Conversations read per page, 1 to 500 (default 200); the export goes on to the last page"),
+        ("cursor" = Option<String>, Query, description = "Start after this `next_cursor` of a listing"),
+    ),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "JSON Lines: one `{conversation, turns}` object per line, the shape of `GET /v1/conversations/{id}`",
+            body = String, content_type = "application/x-ndjson"),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 422, description = "A query parameter is of the wrong type (`param` is `query`), or `status` or `limit` is out of range (`param` names it)", body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn export(State(state): State<SharedState>, q: Result<Query<ListQuery>, QueryRejection>) -> Result<Response, ApiError> {
+    let q = query(q)?;
     let mut f = filter(&q)?;
     if q.limit.is_none() {
         f.limit = 200;
@@ -240,13 +370,38 @@ async fn export(State(state): State<SharedState>, Query(q): Query<ListQuery>) ->
 // Retention and privacy
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Default, Deserialize)]
-struct PurgeIn {
+/// Body of the purge route.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = PurgeRequest)]
+pub struct PurgeIn {
+    /// Delete conversations not updated for this many days (0 to 36500; 0 deletes every conversation).
+    #[schema(value_type = i64, required = true, minimum = 0, maximum = 36500)]
     older_than_days: Option<i64>,
 }
 
-/// `POST /v1/conversations/purge {older_than_days}`: deletes conversations untouched for that long.
-async fn purge(State(state): State<SharedState>, ApiJson(body): ApiJson<PurgeIn>) -> Result<Json<store::PurgeReport>, ApiError> {
+/// Purge old conversations.
+///
+/// Retention on demand: deletes the conversations untouched for `older_than_days`, with their turns
+/// and webhook deliveries, and finished deliveries as old. Agent route: needs an agent key.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/purge",
+    tag = "conversations",
+    operation_id = "purgeConversations",
+    request_body = PurgeIn,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = PURGE_SHAPE, body = Object),
+        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
+        (status = 422, description = "`older_than_days` is missing or out of range", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn purge(State(state): State<SharedState>, ApiJson(body): ApiJson<PurgeIn>) -> Result<Json<store::PurgeReport>, ApiError> {
     let days = body.older_than_days.ok_or_else(|| ApiError::invalid_field("older_than_days", "`older_than_days` is required"))?;
     if !(0..=36_500).contains(&days) {
         return Err(ApiError::invalid_field("older_than_days", format!("`older_than_days` must be in [0, 36500] (got {days})")));
@@ -255,19 +410,61 @@ async fn purge(State(state): State<SharedState>, ApiJson(body): ApiJson<PurgeIn>
     Ok(Json(state.store()?.purge_older_than(cutoff).await.map_err(ApiError::store)?))
 }
 
-/// `DELETE /v1/customers/{id}`: everything stored about one customer (privacy requests).
-async fn delete_customer(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<store::PurgeReport>, ApiError> {
+/// Delete everything stored about a customer.
+///
+/// For privacy requests: every conversation and turn of the customer, and the webhook deliveries
+/// that name them. Agent route: needs an agent key.
+#[utoipa::path(
+    delete,
+    path = "/v1/customers/{id}",
+    tag = "conversations",
+    operation_id = "deleteCustomer",
+    params(("id" = String, Path, description = "The customer id (`helpline.customer.id` of the chat requests)")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = PURGE_SHAPE, body = Object),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn delete_customer(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<store::PurgeReport>, ApiError> {
     Ok(Json(state.store()?.delete_customer(&id).await.map_err(ApiError::store)?))
 }
 
+/// Query of the deliveries route (documented inline in its OpenAPI annotation).
 #[derive(Debug, Deserialize)]
-struct DeliveriesQuery {
+pub struct DeliveriesQuery {
     status: Option<String>,
     limit: Option<u32>,
 }
 
-/// `GET /v1/deliveries?status=dead`: the webhook outbox (dead letters, pending, delivered).
-async fn deliveries(State(state): State<SharedState>, Query(q): Query<DeliveriesQuery>) -> Result<Json<Value>, ApiError> {
+/// List the webhook outbox.
+///
+/// The handoff webhook's deliveries, dead letters included, with their attempts and last error.
+#[utoipa::path(
+    get,
+    path = "/v1/deliveries",
+    tag = "conversations",
+    operation_id = "listDeliveries",
+    params(
+        ("status" = Option<String>, Query, description = "Only deliveries in this status: `pending`, `delivered` or `dead`"),
+        ("limit" = Option<u32>, Query, description = "At most this many, clamped to 1 to 1000 (default 100)"),
+    ),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "`{object: \"list\", data: [{id, event, payload, status: pending|delivered|dead, attempts, \
+next_attempt_ms, last_error, created_ms, updated_ms}]}`", body = Object),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 422, description = "A query parameter is of the wrong type (`param` is `query`), or `status` is not one of the three", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn deliveries(State(state): State<SharedState>, q: Result<Query<DeliveriesQuery>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
     let status = match q.status.as_deref() {
         None => None,
         Some("pending") => Some(store::DeliveryStatus::Pending),
@@ -410,15 +607,25 @@ pub async fn hand_off(state: &AppState, conversation_id: &str, reason: &str, by:
     Ok((conv, summary))
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct HandoffIn {
+/// Optional body of the handoff and takeover routes.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = HandoffRequest)]
+pub struct HandoffIn {
     /// A reason code (snake_case); default `customer_request` / `agent_takeover`.
+    #[schema(pattern = "^[a-z0-9_]{1,64}$")]
     reason: Option<String>,
 }
 
-#[derive(Serialize)]
-struct HandoffOut {
+/// A conversation just handed off, with its handoff summary.
+#[derive(Serialize, ToSchema)]
+#[schema(as = HandoffResponse)]
+pub struct HandoffOut {
+    /// The conversation, now `handed_off`: `{id, customer, status, created_ms, updated_ms, turns,
+    /// handoff: {reason, summary, by, at_ms}, feedback}`.
+    #[schema(value_type = Object)]
     conversation: Conversation,
+    /// The handoff summary, valid against `docs/schemas/handoff-summary.schema.json`.
+    #[schema(value_type = Object)]
     summary: Value,
 }
 
@@ -439,30 +646,100 @@ fn reason_code(given: Option<String>, default: &str) -> Result<String, ApiError>
     Ok(r)
 }
 
-/// `POST /v1/conversations/{id}/handoff`: the customer asks for a person ("Talk to a human").
-async fn customer_handoff(State(state): State<SharedState>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<HandoffOut>, ApiError> {
+/// Hand a conversation to a person (the customer asks).
+///
+/// "Talk to a human": the conversation becomes `handed_off` with a handoff summary built from its
+/// turns, and the summary goes to the handoff webhook when one is configured. The body may be left
+/// out. A customer API key may call this route.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{id}/handoff",
+    tag = "conversations",
+    operation_id = "handOffConversation",
+    params(("id" = String, Path, description = "The conversation id")),
+    request_body(content = Option<HandoffIn>, description = "Optional; default reason `customer_request`", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Handed off", body = HandoffOut),
+        (status = 400, description = "The body is not valid JSON of the right shape", body = ErrorResponse),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
+        (status = 422, description = "`reason` is not 1 to 64 characters of a-z 0-9 _", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn customer_handoff(State(state): State<SharedState>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<HandoffOut>, ApiError> {
     let reason = reason_code(optional_json::<HandoffIn>(&body)?.reason, "customer_request")?;
     let (conversation, summary) = hand_off(&state, &id, &reason, "customer").await?;
     Ok(Json(HandoffOut { conversation, summary }))
 }
 
-/// `POST /v1/conversations/{id}/takeover`: an agent takes the conversation over.
-async fn takeover(State(state): State<SharedState>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<HandoffOut>, ApiError> {
+/// Take a conversation over (an agent).
+///
+/// As the customer's handoff, requested by an agent: the conversation becomes `handed_off` with a
+/// handoff summary, sent to the webhook when one is configured. The body may be left out. Agent
+/// route: needs an agent key.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{id}/takeover",
+    tag = "conversations",
+    operation_id = "takeOverConversation",
+    params(("id" = String, Path, description = "The conversation id")),
+    request_body(content = Option<HandoffIn>, description = "Optional; default reason `agent_takeover`", content_type = "application/json"),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Handed off", body = HandoffOut),
+        (status = 400, description = "The body is not valid JSON of the right shape", body = ErrorResponse),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
+        (status = 422, description = "`reason` is not 1 to 64 characters of a-z 0-9 _", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn takeover(State(state): State<SharedState>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<HandoffOut>, ApiError> {
     let reason = reason_code(optional_json::<HandoffIn>(&body)?.reason, "agent_takeover")?;
     let (conversation, summary) = hand_off(&state, &id, &reason, "agent").await?;
     Ok(Json(HandoffOut { conversation, summary }))
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct MessageIn {
+/// Body of the agent message route.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = AgentMessageRequest)]
+pub struct MessageIn {
+    /// The reply: 1 to 8000 characters, not all blank.
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 8000)]
     content: Option<String>,
 }
 
 /// Longest agent reply, in characters.
 pub const MAX_AGENT_MESSAGE_CHARS: usize = 8000;
 
-/// `POST /v1/conversations/{id}/messages {content}`: an agent's reply, stored as an agent turn.
-async fn agent_message(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<MessageIn>) -> Result<Json<Turn>, ApiError> {
+/// Post an agent's reply.
+///
+/// Stored as an `agent` turn of the conversation. Agent route: needs an agent key.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{id}/messages",
+    tag = "conversations",
+    operation_id = "postAgentMessage",
+    params(("id" = String, Path, description = "The conversation id")),
+    request_body = MessageIn,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The stored turn: `{id, conversation_id, seq, role: \"agent\", content, state: \"complete\", \
+created_ms, completed_ms, finish_reason, detail, audit, feedback}`", body = Object),
+        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
+        (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
+        (status = 422, description = "`content` is missing, blank or over 8000 characters", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn agent_message(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<MessageIn>) -> Result<Json<Turn>, ApiError> {
     let content = body.content.unwrap_or_default();
     let n = content.chars().count();
     if content.trim().is_empty() || n > MAX_AGENT_MESSAGE_CHARS {
@@ -472,8 +749,27 @@ async fn agent_message(State(state): State<SharedState>, Path(id): Path<String>,
     Ok(Json(turn))
 }
 
-/// `POST /v1/conversations/{id}/resolve`: the case is closed.
-async fn resolve(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Conversation>, ApiError> {
+/// Resolve a conversation.
+///
+/// The case is closed: the conversation becomes `resolved` (its handoff record, if any, stays).
+/// Agent route: needs an agent key.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{id}/resolve",
+    tag = "conversations",
+    operation_id = "resolveConversation",
+    params(("id" = String, Path, description = "The conversation id")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = CONVERSATION_SHAPE, body = Object),
+        (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn resolve(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Conversation>, ApiError> {
     let conv = state.store()?.set_status(&id, ConversationStatus::Resolved).await.map_err(ApiError::store)?;
     state.metrics.resolution();
     Ok(Json(conv))
@@ -483,10 +779,14 @@ async fn resolve(State(state): State<SharedState>, Path(id): Path<String>) -> Re
 // Feedback
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Default, Deserialize)]
-struct FeedbackIn {
+/// Body of the feedback routes: at least one of `helpful`, `resolved` and `comment`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = FeedbackRequest)]
+pub struct FeedbackIn {
     helpful: Option<bool>,
     resolved: Option<bool>,
+    /// At most 2000 characters.
+    #[schema(max_length = 2000)]
     comment: Option<String>,
     /// Answer feedback only: the conversation the answer belongs to (checked).
     conversation_id: Option<String>,
@@ -504,16 +804,56 @@ fn feedback(body: &FeedbackIn) -> Result<Feedback, ApiError> {
     Ok(Feedback { helpful: body.helpful, resolved: body.resolved, comment: body.comment.clone(), at_ms: store::now_ms() })
 }
 
-/// `POST /v1/conversations/{id}/feedback {helpful, resolved, comment}`.
-async fn conversation_feedback(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<FeedbackIn>) -> Result<Json<Value>, ApiError> {
+/// Give feedback on a conversation.
+///
+/// The customer's verdict on the whole conversation (a later one replaces it). A customer API key
+/// may call this route.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{id}/feedback",
+    tag = "conversations",
+    operation_id = "conversationFeedback",
+    params(("id" = String, Path, description = "The conversation id")),
+    request_body = FeedbackIn,
+    responses(
+        (status = 200, description = "`{conversation_id, feedback: {helpful, resolved, comment, at_ms}}`", body = Object),
+        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
+        (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
+        (status = 422, description = "None of `helpful`, `resolved` and `comment` given, a field of the wrong type, or `comment` over 2000 characters", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn conversation_feedback(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<FeedbackIn>) -> Result<Json<Value>, ApiError> {
     let fb = feedback(&body)?;
     state.store()?.record_feedback(None, &id, fb.clone()).await.map_err(ApiError::store)?;
     state.metrics.feedback("conversation", &fb);
     Ok(Json(json!({"conversation_id": id, "feedback": fb})))
 }
 
-/// `POST /v1/answers/{id}/feedback {helpful, resolved, comment}`: on one answer.
-async fn answer_feedback(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<FeedbackIn>) -> Result<Json<Value>, ApiError> {
+/// Give feedback on an answer.
+///
+/// The customer's verdict on one bot or agent answer. `conversation_id`, when given, must be the
+/// answer's conversation. A customer API key may call this route.
+#[utoipa::path(
+    post,
+    path = "/v1/answers/{id}/feedback",
+    tag = "conversations",
+    operation_id = "answerFeedback",
+    params(("id" = String, Path, description = "The answer id (`helpline.answer_id` of the chat answer)")),
+    request_body = FeedbackIn,
+    responses(
+        (status = 200, description = "`{answer_id, conversation_id, feedback: {helpful, resolved, comment, at_ms}}`", body = Object),
+        (status = 400, description = "Malformed JSON, or the id is the customer's own message (`invalid_value`, `param` is `turn_id`)", body = ErrorResponse),
+        (status = 404, description = "No such answer (`not_found`)", body = ErrorResponse),
+        (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
+        (status = 422, description = "None of `helpful`, `resolved` and `comment` given, a field of the wrong type, `comment` over 2000 characters, or `conversation_id` is not the answer's", body = ErrorResponse),
+        (status = 500, description = STORE_FAILED, body = ErrorResponse),
+        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+    )
+)]
+pub async fn answer_feedback(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<FeedbackIn>) -> Result<Json<Value>, ApiError> {
     let fb = feedback(&body)?;
     let store = state.store()?;
     let turn = store.get_turn(&id).await.map_err(ApiError::store)?;

@@ -44,10 +44,33 @@ pub fn routes() -> Router<SharedState> {
         .route("/v1/answers/{id}/replay", post(replay))
 }
 
-/// `POST /v1/answers/{id}/replay`: regenerates a stored answer from its audit record (the same
-/// request, with the seed it was sampled with) and says whether the text is identical, and whether
-/// the model, index and policy are still the ones it was made with. Nothing is stored.
-async fn replay(State(state): State<SharedState>, Path(id): Path<String>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+/// Replay an answer.
+///
+/// Regenerates a stored answer from its audit record (the same request, with the seed it was
+/// sampled with, through validation, grounding, guard and engine) and says whether the text is
+/// identical, and whether the model, index and policy are still the ones it was made with. Nothing
+/// is stored. Agent route: needs an agent key.
+#[utoipa::path(
+    post,
+    path = "/v1/answers/{id}/replay",
+    tag = "conversations",
+    operation_id = "replayAnswer",
+    params(("id" = String, Path, description = "The answer id (`helpline.answer_id` of the chat answer)")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "`{answer_id, identical, original, replayed, same_model, same_index, same_policy}`", body = Object),
+        (status = 400, description = "The recorded request no longer fits or compiles (`context_length_exceeded`, `invalid_grammar`, ...)", body = ErrorResponse),
+        (status = 401, description = super::conversations::NO_AGENT_KEY, body = ErrorResponse),
+        (status = 403, description = super::conversations::AGENT_ROUTES_OFF, body = ErrorResponse),
+        (status = 404, description = "No such answer, or it has no audit record (`not_found`); or the recorded `model` is not the one served (`model_not_found`)", body = ErrorResponse),
+        (status = 422, description = "The recorded request fails today's validation (`param` names the field)", body = ErrorResponse),
+        (status = 429, description = "The queue is full (`queue_full`); retry after `Retry-After` seconds", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "Generation failed, the audit record's request does not parse, or the store failed", body = ErrorResponse),
+        (status = 503, description = "The model is still loading (`not_ready`), no search index is open (`no_index`), no policy pack is loaded (`no_policy`), or the store is down (`store_unavailable`)", body = ErrorResponse),
+    )
+)]
+pub async fn replay(State(state): State<SharedState>, Path(id): Path<String>) -> Result<axum::Json<serde_json::Value>, ApiError> {
     use serde_json::json;
     let turn = state.store()?.get_turn(&id).await.map_err(ApiError::store)?;
     let audit = turn.audit.clone().ok_or_else(|| ApiError::not_found("not_found", format!("answer `{id}` has no audit record to replay")))?;

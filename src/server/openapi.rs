@@ -9,6 +9,8 @@ use axum::Router;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::assist;
+use super::conversations;
 use super::dto;
 use super::knowledge;
 use super::policy;
@@ -24,7 +26,10 @@ Errors are always `{\"error\": {\"message\", \"type\", \"code\", \"param\"}}`. H
 shapes live under a `helpline` key. Chat answers are grounded in the approved documentation by default: \
 `helpline.grounding` reports the passages given to the model and `helpline.citations` the ones the answer cites. \
 When the server has API keys configured, every route but `GET /health` and the customer chat page (`/`, \
-`/assets/*`, `/kb/*`) needs `Authorization: Bearer <key>`.",
+`/assets/*`, `/kb/*`) needs `Authorization: Bearer <key>`. Agent routes (conversations, customers' data, audit, \
+replay, agent assist and knowledge-base drafts) need an agent key (`--agent-api-key`, `agent_api_keys_file`), sent the \
+same way: a customer API key is refused there, and without a configured agent key they answer 403 \
+`agent_routes_disabled`. An agent key also works on every other route.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     paths(
@@ -39,6 +44,25 @@ When the server has API keys configured, every route but `GET /health` and the c
         knowledge::reload,
         policy::policy_status,
         policy::reload,
+        conversations::list,
+        conversations::export,
+        conversations::purge,
+        conversations::one,
+        conversations::customer_handoff,
+        conversations::takeover,
+        conversations::agent_message,
+        conversations::resolve,
+        conversations::conversation_feedback,
+        conversations::answer_feedback,
+        conversations::delete_customer,
+        conversations::deliveries,
+        conversations::audit,
+        openai::replay,
+        assist::draft,
+        assist::summarize,
+        assist::kb_draft,
+        assist::list_drafts,
+        assist::approve,
         health,
         ready,
         metrics,
@@ -49,12 +73,15 @@ When the server has API keys configured, every route but `GET /health` and the c
         dto::ChatCompletionChunk,
         dto::TextCompletion,
         dto::ErrorResponse,
+        assist::CaseSummary,
     )),
     modifiers(&BearerAuth),
     security((), ("api_key" = [])),
     tags(
         (name = "openai", description = "OpenAI-compatible API"),
         (name = "helpline", description = "Helpline extensions"),
+        (name = "conversations", description = "Stored conversations: listing, export, retention, handoff, agent replies, feedback, audit and replay"),
+        (name = "assist", description = "Agent assist: reply drafts, case summaries and knowledge-base drafts (agent key)"),
         (name = "ops", description = "Operations: liveness, readiness, metrics, this document"),
     )
 )]
@@ -70,7 +97,9 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("One of the server's API keys (only when keys are configured)"))
+                    .description(Some(
+                        "One of the server's API keys (only when keys are configured), or an agent key; agent routes need an agent key",
+                    ))
                     .build(),
             ),
         );

@@ -400,6 +400,10 @@ async fn scopes_feedback(database_url: Option<String>) {
     let resp = server.request("POST", "/v1/chat/completions", &customer, body.as_bytes()).await;
     let answer = ok(&resp)["helpline"]["answer_id"].as_str().unwrap().to_string();
     assert_eq!(server.request("GET", "/v1/conversations", &customer, b"").await.status, 401, "a customer key is not an agent key");
+    assert_eq!(server.request("GET", "/v1/deliveries", &customer, b"").await.status, 401, "the webhook outbox is agents' too");
+    let bad = server.agent_get("/v1/conversations?limit=many").await;
+    assert_eq!(bad.status, 422, "{}", bad.text());
+    assert_eq!(bad.json()["error"]["param"], "query");
     assert_eq!(server.get("/v1/conversations").await.status, 401);
     assert_eq!(server.agent_get("/v1/conversations").await.status, 200);
     // The agent key works on customer routes too.
