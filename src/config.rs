@@ -575,8 +575,7 @@ pub fn load_with_env(
         instance_id: match r.pick("instance_id") {
             Some((raw, src)) => {
                 let v = raw.single("instance_id", &src)?;
-                let ok = (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
-                if !ok {
+                if !crate::store::is_valid_id(&v) {
                     return Err(ConfigError::new("instance_id", Some(src), "expected 1 to 64 characters of A-Z a-z 0-9 _ . : -"));
                 }
                 Some(v)

@@ -20,6 +20,7 @@ mod schema;
 mod search;
 
 pub use chunk::{MAX_WORDS as CHUNK_MAX_WORDS, MIN_WORDS as CHUNK_MIN_WORDS};
+pub use document::is_kebab_case;
 pub use eval::{evaluate, load_cases, EvalCase, EvalError, Miss, RetrievalEval};
 pub use index::{build_index, FileOutcome, FileStatus, IndexOptions, IndexReport};
 pub use schema::SCHEMA_VERSION;

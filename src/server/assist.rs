@@ -202,8 +202,7 @@ impl Case {
 
 /// A conversation id as chat accepts it: 1 to 64 characters of `A-Z a-z 0-9 _ . : -`.
 fn check_conversation_id(id: &str) -> Result<(), ApiError> {
-    let ok = (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
-    if ok {
+    if crate::store::is_valid_id(id) {
         Ok(())
     } else {
         Err(ApiError::invalid_field("conversation_id", "`conversation_id` must be 1 to 64 characters of A-Z a-z 0-9 _ . : -"))
@@ -417,17 +416,9 @@ fn today() -> String {
     civil_date((secs / 86_400) as i64)
 }
 
-/// The proleptic Gregorian date `days` after 1970-01-01.
+/// The proleptic Gregorian date `days` after 1970-01-01, `YYYY-MM-DD`.
 fn civil_date(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = crate::tokenizer::civil_from_days(days);
     format!("{y:04}-{m:02}-{d:02}")
 }
 
@@ -1143,10 +1134,7 @@ const MAX_ID_LEN: usize = 80;
 /// An article id: kebab-case (lowercase letters, digits, single hyphens), as the indexer requires.
 /// Anything else (dots, slashes, encoded traversal) is refused before a path is built from it.
 fn check_article_id(id: &str) -> Result<(), ApiError> {
-    let ok = id.len() <= MAX_ID_LEN
-        && !id.is_empty()
-        && id.split('-').all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
-    if ok {
+    if id.len() <= MAX_ID_LEN && crate::retrieval::is_kebab_case(id) {
         Ok(())
     } else {
         Err(ApiError::invalid_field("id", format!("`id` must be kebab-case (a-z, 0-9 and single hyphens), at most {MAX_ID_LEN} characters")))

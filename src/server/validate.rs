@@ -228,8 +228,7 @@ pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -
 /// `helpline.conversation_id` and `helpline.customer`, checked against their bounds.
 pub fn conversation(ext: &super::dto::HelplineSampling) -> Result<super::record::ConversationRef, ApiError> {
     if let Some(id) = &ext.conversation_id {
-        let ok = (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
-        if !ok {
+        if !crate::store::is_valid_id(id) {
             return Err(ApiError::invalid_field(
                 "helpline.conversation_id",
                 "`helpline.conversation_id` must be 1 to 64 characters of A-Z a-z 0-9 _ . : -",

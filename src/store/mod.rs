@@ -211,13 +211,18 @@ fn parse_target(target: &str) -> Result<Target, StoreError> {
 
 /// Checks a caller-supplied id: short, and made of characters that are safe
 /// in URLs, file names and log lines without escaping.
-fn validate_id(field: &'static str, id: &str) -> Result<(), StoreError> {
-    let len = id.chars().count();
-    let ok = (1..=64).contains(&len)
+/// The rule for ids a caller may choose (conversation ids, instance names): 1 to 64 characters of
+/// `A-Z a-z 0-9 _ . : -`. The server checks request fields and settings with it too.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.chars().count())
         && id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
-    if ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))
+}
+
+fn validate_id(field: &'static str, id: &str) -> Result<(), StoreError> {
+    let len = id.chars().count();
+    if is_valid_id(id) {
         Ok(())
     } else {
         Err(StoreError::invalid(

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::Value;
 
 pub use stream::{StopFilter, StreamDecoder};
-pub use template::{ChatMessage, ChatTemplate};
+pub use template::{civil_from_days, ChatMessage, ChatTemplate};
 pub use vocab::TokenType;
 
 use bpe::Bpe;
