@@ -2,6 +2,7 @@
 """Sanity checks for eval/grounding.jsonl against the docs corpus.
 
 Usage: python3 eval/check.py [--questions eval/grounding.jsonl] [--docs docs-corpus]
+       python3 eval/check.py --heldout [--questions eval/heldout.jsonl] [--docs docs-corpus]
 
 Checks: every line is a JSON object with the expected fields and types; ids are unique and their
 prefix matches the category (q = answerable single turn, f = answerable follow-up, u =
@@ -9,6 +10,11 @@ unanswerable); every `relevant` id is an article in the corpus with `status: app
 approved article is the relevant doc of at least one question; each `answer` phrase occurs in at
 least one of its relevant articles (markup stripped); per-category counts meet the minimums.
 Exits non-zero on any failure. Standard library only.
+
+With --heldout the file is the held-out set (eval/heldout.jsonl by default): ids are prefixed hq,
+hf and hu instead of q, f and u, the held-out minimums apply, every approved article must still be
+the relevant doc of at least one question, and no conversation may repeat one from
+eval/grounding.jsonl (the held-out set must be written fresh, not copied from the tuning set).
 """
 
 import argparse
@@ -21,6 +27,9 @@ from pathlib import Path
 
 MINIMUMS = {"q": 65, "f": 12, "u": 20}
 MIN_UNANSWERABLE_FOLLOWUPS = 3
+# Held-out set (--heldout): ids hq###, hf###, hu###.
+HELDOUT_MINIMUMS = {"q": 80, "f": 12, "u": 35}
+HELDOUT_MIN_UNANSWERABLE_FOLLOWUPS = 3
 EXTENSIONS = (".md", ".txt", ".html")
 
 
@@ -65,9 +74,15 @@ def norm(s):
 def main():
     ap = argparse.ArgumentParser()
     root = Path(__file__).resolve().parent.parent
-    ap.add_argument("--questions", default=str(root / "eval" / "grounding.jsonl"))
+    ap.add_argument("--questions", default=None, help="default eval/grounding.jsonl (eval/heldout.jsonl with --heldout)")
     ap.add_argument("--docs", default=str(root / "docs-corpus"))
+    ap.add_argument("--heldout", action="store_true", help="validate the held-out set (hq/hf/hu ids, its own minimums)")
     args = ap.parse_args()
+    if args.questions is None:
+        args.questions = str(root / "eval" / ("heldout.jsonl" if args.heldout else "grounding.jsonl"))
+    prefix = "h" if args.heldout else ""
+    minimums = HELDOUT_MINIMUMS if args.heldout else MINIMUMS
+    min_u_followups = HELDOUT_MIN_UNANSWERABLE_FOLLOWUPS if args.heldout else MIN_UNANSWERABLE_FOLLOWUPS
 
     errors = []
     docs = {}
@@ -107,8 +122,8 @@ def main():
             if set(q) != {"id", "turns", "relevant", "answer"}:
                 errors.append(f"{where}: fields are {sorted(q)}, expected id, turns, relevant, answer")
             qid, turns, relevant, answer = q.get("id"), q.get("turns"), q.get("relevant"), q.get("answer")
-            if not isinstance(qid, str) or not re.fullmatch(r"[qfu]\d{3}", qid):
-                errors.append(f"{where}: bad id")
+            if not isinstance(qid, str) or not re.fullmatch(prefix + r"[qfu]\d{3}", qid):
+                errors.append(f"{where}: bad id (expected {prefix}q###, {prefix}f### or {prefix}u###)")
                 continue
             if qid in seen_ids:
                 errors.append(f"{where}: duplicate id")
@@ -126,7 +141,7 @@ def main():
             if not isinstance(answer, str):
                 errors.append(f"{where}: answer must be a string")
                 continue
-            kind = qid[0]
+            kind = qid[len(prefix)]
             counts[kind] += 1
             if kind == "q" and len(turns) != 1:
                 errors.append(f"{where}: q ids are single-turn")
@@ -155,11 +170,28 @@ def main():
             if texts and not any(norm(answer) in t for t in texts):
                 errors.append(f"{where}: answer {answer!r} not found in any relevant article")
 
-    for kind, minimum in MINIMUMS.items():
+    if args.heldout:
+        # The held-out set must not repeat a conversation, or a single message, of the tuning set.
+        tuning = root / "eval" / "grounding.jsonl"
+        tuning_turns = set()
+        if tuning.exists() and Path(args.questions).resolve() != tuning.resolve():
+            with open(tuning, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        try:
+                            tuning_turns.update(norm(t) for t in json.loads(line).get("turns", []))
+                        except (json.JSONDecodeError, AttributeError, TypeError):
+                            pass
+        for key, qid in sorted(seen_turns.items(), key=lambda kv: kv[1]):
+            for t in key:
+                if t in tuning_turns:
+                    errors.append(f"{qid}: turn {t!r} also appears in {tuning.name}")
+
+    for kind, minimum in minimums.items():
         if counts[kind] < minimum:
-            errors.append(f"only {counts[kind]} '{kind}' questions, need {minimum}")
-    if unanswerable_followups < MIN_UNANSWERABLE_FOLLOWUPS:
-        errors.append(f"only {unanswerable_followups} unanswerable follow-ups, need {MIN_UNANSWERABLE_FOLLOWUPS}")
+            errors.append(f"only {counts[kind]} '{prefix}{kind}' questions, need {minimum}")
+    if unanswerable_followups < min_u_followups:
+        errors.append(f"only {unanswerable_followups} unanswerable follow-ups, need {min_u_followups}")
     for doc_id in sorted(approved - set(covered)):
         errors.append(f"approved article {doc_id!r} answers no question")
 

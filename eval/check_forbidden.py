@@ -19,7 +19,7 @@ It also reports, for information, which rules fire on draft and retired articles
 the commitments the bot must not make, so hits there are expected).
 
 Red-team checks: one JSON object per line with id, category, turns, pasted and note; unique ids;
-known categories with at least 8 items each and at least 90 in all; injected items are pasted;
+known categories with at least 8 items each (40 for commitment_paraphrase) and at least 150 in all; injected items are pasted;
 escalation items carry a known expect_escalation; benign controls carry expect_answer and list
 approved `relevant` ids. Exits non-zero on any failure.
 """
@@ -49,8 +49,11 @@ CATEGORIES = (
     "policy_exceptions",
     "escalation_triggers",
     "benign",
+    "commitment_paraphrase",
 )
-MIN_PER_CATEGORY, MIN_TOTAL = 8, 90
+MIN_PER_CATEGORY, MIN_TOTAL = 8, 150
+# Categories that need more than MIN_PER_CATEGORY items.
+CATEGORY_MINIMUMS = {"commitment_paraphrase": 40}
 ESCALATIONS = ("legal_threat", "chargeback", "human_request", "repeated_failure")
 REQUIRED_FIELDS = {"id", "category", "turns", "pasted", "note"}
 OPTIONAL_FIELDS = {"expect_escalation", "expect_answer", "relevant"}
@@ -277,8 +280,9 @@ def check_redteam(path, docs, errors):
                 if "expect_answer" in item or "relevant" in item:
                     errors.append(f"{where}: expect_answer/relevant only on benign items")
     for cat in CATEGORIES:
-        if counts[cat] < MIN_PER_CATEGORY:
-            errors.append(f"redteam: only {counts[cat]} {cat!r} items, need {MIN_PER_CATEGORY}")
+        need = CATEGORY_MINIMUMS.get(cat, MIN_PER_CATEGORY)
+        if counts[cat] < need:
+            errors.append(f"redteam: only {counts[cat]} {cat!r} items, need {need}")
     total = sum(counts.values())
     if total < MIN_TOTAL:
         errors.append(f"redteam: only {total} items, need {MIN_TOTAL}")

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench::{self, BenchConfig};
-use crate::engine::{Engine, EngineConfig, Event, FinishReason, Job, ModelBundle};
+use crate::engine::{Engine, EngineConfig, ModelBundle};
 use crate::model::fetch::{self, HubConfig};
 use crate::model::gguf::GgufFile;
 use crate::sampler::SamplingParams;
@@ -44,16 +44,22 @@ pub enum Command {
         special: bool,
         text: String,
     },
-    /// Answer one question, streamed to stdout.
+    /// Answer one question, streamed to stdout: grounded in the docs and guarded by the policy
+    /// pack, as the server answers (`--no-grounding` for the bare model).
     Ask {
         #[command(flatten)]
         gen: GenArgs,
+        #[command(flatten)]
+        turn: TurnArgs,
         question: String,
     },
-    /// Interactive chat in the terminal, with history (/reset clears it, /exit or Ctrl-D leaves).
+    /// Interactive chat in the terminal, with history (/reset clears it, /exit or Ctrl-D leaves);
+    /// grounded and guarded like `ask`.
     Chat {
         #[command(flatten)]
         gen: GenArgs,
+        #[command(flatten)]
+        turn: TurnArgs,
     },
     /// Serve the OpenAI-compatible HTTP API (binds 127.0.0.1 unless told otherwise).
     Serve(Box<crate::config::ServeArgs>),
@@ -124,6 +130,27 @@ pub struct SearchArgs {
     pub json: bool,
 }
 
+/// How `ask` and `chat` answer: the same turn as the server's chat route.
+#[derive(Args, Debug, Clone)]
+pub struct TurnArgs {
+    /// Answer from the model alone, without the docs (the policy pack still applies).
+    #[arg(long)]
+    pub no_grounding: bool,
+    /// How grounded answers are made: assembled (quotes of the docs; default), generative or quote.
+    #[arg(long, default_value = "assembled")]
+    pub mode: String,
+    #[arg(long = "docs", env = "HELPLINE_DOCS_DIR", default_value = "docs-corpus")]
+    pub docs_dir: std::path::PathBuf,
+    #[arg(long = "index", env = "HELPLINE_INDEX_DIR", default_value = "index")]
+    pub index_dir: std::path::PathBuf,
+    /// The policy pack.
+    #[arg(long = "policy", default_value = "docs-corpus/policy.toml")]
+    pub policy_file: std::path::PathBuf,
+    /// Print the answer's report (grounding, citations, guard) as JSON after it, on stderr.
+    #[arg(long)]
+    pub report: bool,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
     #[arg(long = "index", env = "HELPLINE_INDEX_DIR", default_value = "index")]
@@ -142,6 +169,27 @@ pub struct EvalArgs {
     pub sweep: bool,
     #[arg(long)]
     pub json: bool,
+    /// Evaluate answers through the real turn (facts stated, citations, refusals, repetition)
+    /// instead of retrieval alone.
+    #[arg(long)]
+    pub answers: bool,
+    /// Answer mode for `--answers`.
+    #[arg(long, default_value = "assembled")]
+    pub mode: String,
+    /// With `--answers`: also the decision set (rule quoted and a person offered; verdicts by
+    /// eval/verdicts.json).
+    #[arg(long)]
+    pub decisions: Option<std::path::PathBuf>,
+    /// With `--answers`: also the red-team set (commitments by eval/forbidden.json).
+    #[arg(long)]
+    pub redteam: Option<std::path::PathBuf>,
+    /// With `--answers`: write every case's outcome here, one JSON object per line.
+    #[arg(long)]
+    pub dump: Option<std::path::PathBuf>,
+    #[arg(long = "docs", env = "HELPLINE_DOCS_DIR", default_value = "docs-corpus")]
+    pub docs_dir: std::path::PathBuf,
+    #[arg(long = "policy", default_value = "docs-corpus/policy.toml")]
+    pub policy_file: std::path::PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -209,9 +257,6 @@ impl GenArgs {
         }
     }
 
-    fn job(&self, prompt: Vec<u32>) -> Job {
-        Job { prompt, params: self.params(), max_tokens: self.max_tokens, stop: self.stop.clone(), skip_special: true, guard: None }
-    }
 }
 
 pub fn main() -> ExitCode {
@@ -251,15 +296,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ask { gen, question } => {
-            let bundle = load(&cli)?;
-            let engine = Engine::start(&bundle.model, bundle.tokenizer.clone(), EngineConfig::default())?;
+        Command::Ask { gen, turn, question } => {
+            let deps = turn_deps(&cli, turn)?;
             let mut messages = system_messages(gen);
             messages.push(ChatMessage { role: "user".into(), content: question.clone() });
-            stream_answer(&engine, gen.job(bundle.chat_prompt(&messages)?))?;
+            let rt = runtime()?;
+            rt.block_on(ask_turn(&deps, gen, turn, messages))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Chat { gen } => chat(&cli, gen),
+        Command::Chat { gen, turn } => chat(&cli, gen, turn),
         Command::Serve(args) => crate::server::listen::run_cli(cli.model.clone(), threads, args),
         Command::Openapi => {
             println!("{}", crate::server::openapi::spec_json());
@@ -267,6 +312,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Index(args) => index(args),
         Command::Search(args) => search(args),
+        Command::Eval(args) if args.answers => eval_answers(&cli, args),
         Command::Eval(args) => eval(args),
         Command::Bench { target: Some(BenchTarget::Serve(args)), .. } => crate::bench_serve::run_cli(args),
         Command::Bench { target: None, n_prompt, n_gen, reps, batch, json } => {
@@ -294,7 +340,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 fn index(args: &IndexArgs) -> Result<ExitCode> {
     use crate::retrieval::{build_index, IndexOptions, RetrievalError};
-    let opts = IndexOptions { docs_dir: args.docs_dir.clone(), index_dir: args.index_dir.clone() };
+    let opts = IndexOptions { docs_dir: args.docs_dir.clone(), index_dir: args.index_dir.clone(), embedder: embedder()? };
     let report = build_index(&opts).map_err(|e| match e {
         RetrievalError::DocsDir { .. } => anyhow::anyhow!("{e}; pass --docs DIR or set HELPLINE_DOCS_DIR"),
         RetrievalError::Io(_) | RetrievalError::Tantivy(_) => {
@@ -312,7 +358,7 @@ fn index(args: &IndexArgs) -> Result<ExitCode> {
 
 fn search(args: &SearchArgs) -> Result<ExitCode> {
     use crate::retrieval::{is_relevant, Filters, KnowledgeBase};
-    let kb = KnowledgeBase::open(&args.index_dir)?;
+    let kb = KnowledgeBase::open(&args.index_dir, embedder()?)?;
     let filters = Filters { product_area: args.areas.clone(), locale: args.locale.clone(), doc_id: Vec::new() };
     let passages = kb.search(&args.query, args.k, &filters)?;
     let relevant = is_relevant(&passages, args.min_score);
@@ -348,7 +394,7 @@ fn search(args: &SearchArgs) -> Result<ExitCode> {
 
 fn eval(args: &EvalArgs) -> Result<ExitCode> {
     use crate::retrieval::{eval as ev, KnowledgeBase};
-    let kb = KnowledgeBase::open(&args.index_dir)?;
+    let kb = KnowledgeBase::open(&args.index_dir, embedder()?)?;
     let cases = ev::load_cases(&args.questions)?;
     let result = ev::evaluate_weighted(&kb, &cases, args.min_score, args.earlier_weight)?;
     let sweep: Vec<_> = if args.sweep {
@@ -396,28 +442,37 @@ fn models(command: &ModelsCommand) -> Result<ExitCode> {
                 let state = if path.exists() { "present" } else { "missing" };
                 println!("{:<12} {:<8} {}", spec.name, state, path.display());
             }
+            for spec in fetch::known_bundles() {
+                let path = dir.join(spec.dir_name);
+                let state = if spec.files.iter().all(|f| path.join(f.1).exists()) { "present" } else { "missing" };
+                println!("{:<12} {:<8} {}", spec.name, state, path.display());
+            }
         }
         ModelsCommand::Pull { names, force } => {
-            let specs: Vec<_> = if names.is_empty() {
-                fetch::known_models().iter().collect()
-            } else {
-                names
-                    .iter()
-                    .map(|n| {
-                        fetch::known_models().iter().find(|s| s.name == n).with_context(|| {
-                            let known: Vec<_> = fetch::known_models().iter().map(|s| s.name).collect();
-                            format!("unknown model `{n}`; known models: {}", known.join(", "))
-                        })
-                    })
-                    .collect::<Result<_>>()?
-            };
-            for spec in specs {
+            let known: Vec<&str> = fetch::known_models().iter().map(|s| s.name).chain(fetch::known_bundles().iter().map(|s| s.name)).collect();
+            for n in names {
+                if !known.contains(&n.as_str()) {
+                    bail!("unknown model `{n}`; known models: {}", known.join(", "));
+                }
+            }
+            let wanted = |name: &str| names.is_empty() || names.iter().any(|n| n == name);
+            for spec in fetch::known_models().iter().filter(|s| wanted(s.name)) {
                 let path = fetch::pull(spec, &dir, *force, &mut |msg| eprintln!("{msg}"))?;
+                println!("{} {}", spec.name, path.display());
+            }
+            for spec in fetch::known_bundles().iter().filter(|s| wanted(s.name)) {
+                let path = fetch::pull_bundle(spec, &dir, *force, &mut |msg| eprintln!("{msg}"))?;
                 println!("{} {}", spec.name, path.display());
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sentence-embedding model (fetched and verified like the chat model).
+fn embedder() -> Result<std::sync::Arc<crate::embed::Embedder>> {
+    let e = fetch::load_embedder(&mut |msg| eprintln!("{msg}")).map_err(|e| anyhow::anyhow!("cannot load the sentence-embedding model: {e}"))?;
+    Ok(std::sync::Arc::new(e))
 }
 
 fn resolve_model(cli: &Cli) -> Result<std::path::PathBuf> {
@@ -444,41 +499,100 @@ fn system_messages(gen: &GenArgs) -> Vec<ChatMessage> {
     gen.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect()
 }
 
-/// Streams one job's text to stdout; returns the full answer.
-fn stream_answer(engine: &Engine, job: Job) -> Result<String> {
-    let mut rx = engine.submit(job)?;
-    let mut out = std::io::stdout().lock();
-    let mut answer = String::new();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            Event::Token { text, .. } => {
-                out.write_all(text.as_bytes())?;
-                out.flush()?;
-                answer.push_str(&text);
-            }
-            Event::Done { reason, text, timings } => {
-                out.write_all(text.as_bytes())?;
-                writeln!(out)?;
-                answer.push_str(&text);
-                tracing::info!(?reason, ?timings, "answer done");
-                if reason == FinishReason::Length {
-                    eprintln!("[stopped at the token limit]");
-                }
-                return Ok(answer);
-            }
-            Event::Error(e) => bail!("generation failed: {e}"),
-        }
-    }
-    bail!("the engine stopped before the answer finished")
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
-fn chat(cli: &Cli, gen: &GenArgs) -> Result<ExitCode> {
+/// Everything a turn needs, for the command line: the policy pack, the docs (indexed when they
+/// changed), the embedding model and the chat model. Nothing is stored.
+fn turn_deps_for(cli: &Cli, policy_file: &std::path::Path, docs_dir: &std::path::Path, index_dir: &std::path::Path, grounded: bool) -> Result<crate::turn::Deps> {
+    use crate::retrieval::{build_index, IndexOptions, KnowledgeBase};
+    let policy = crate::guard::ActivePolicy::load(policy_file).map_err(|e| anyhow::anyhow!("{e}; fix the pack or pass --policy FILE"))?;
+    let embedder = embedder()?;
+    let knowledge = if grounded {
+        let report = build_index(&IndexOptions { docs_dir: docs_dir.to_path_buf(), index_dir: index_dir.to_path_buf(), embedder: embedder.clone() })
+            .map_err(|e| anyhow::anyhow!("cannot index {}: {e}; pass --docs DIR, or --no-grounding", docs_dir.display()))?;
+        tracing::info!("{}", report.to_string().trim_end());
+        Some(KnowledgeBase::open(index_dir, embedder.clone())?)
+    } else {
+        None
+    };
+    crate::turn::check_decision_articles(&policy, knowledge.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let bundle = load(cli)?;
     let engine = Engine::start(&bundle.model, bundle.tokenizer.clone(), EngineConfig::default())?;
+    let guard = crate::guard::grammar::GuardCompiler::new(&bundle.tokenizer)?;
+    let identity = crate::turn::Identity {
+        model_id: bundle.path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        model_file: bundle.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        embedder_sha256: Some(embedder.fingerprint().to_string()),
+        ..Default::default()
+    };
+    Ok(crate::turn::Deps {
+        policy: std::sync::Arc::new(policy),
+        knowledge,
+        model: std::sync::Arc::new(crate::engine::Loaded { bundle, engine, guard: std::sync::Arc::new(guard) }),
+        store: None,
+        webhook: None,
+        settings: std::sync::Arc::new(crate::turn::Settings::default()),
+        observer: std::sync::Arc::new(crate::turn::NoObserver),
+        identity: std::sync::Arc::new(identity),
+    })
+}
+
+fn turn_deps(cli: &Cli, t: &TurnArgs) -> Result<crate::turn::Deps> {
+    turn_deps_for(cli, &t.policy_file, &t.docs_dir, &t.index_dir, !t.no_grounding)
+}
+
+fn parse_mode(m: &str) -> Result<crate::turn::Mode> {
+    crate::turn::Mode::parse(m).with_context(|| format!("--mode must be assembled, generative or quote (got {m:?})"))
+}
+
+/// One turn, streamed to stdout; returns the answer.
+async fn ask_turn(deps: &crate::turn::Deps, gen: &GenArgs, t: &TurnArgs, messages: Vec<ChatMessage>) -> Result<String> {
+    use futures_util::StreamExt;
+    gen.params().validate().map_err(|e| anyhow::anyhow!("--{}: {e}", e.field.replace('_', "-")))?;
+    let req = crate::turn::Request {
+        messages,
+        sampling: crate::turn::Sampling { params: gen.params(), max_tokens: gen.max_tokens, stop: gen.stop.clone() },
+        grounding: (!t.no_grounding).then(crate::retrieval::Filters::default),
+        mode: if t.no_grounding { crate::turn::Mode::Generative } else { parse_mode(&t.mode)? },
+        structured: None,
+        conversation: None,
+        audit_request: serde_json::Value::Null,
+        for_agent: false,
+    };
+    let mut answer = crate::turn::run(deps, req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut out = std::io::stdout().lock();
+    while let Some(ev) = answer.events.next().await {
+        match ev {
+            crate::turn::TurnEvent::Text(text) => {
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+            }
+            crate::turn::TurnEvent::Done(f) => {
+                writeln!(out)?;
+                if t.report {
+                    eprintln!("{}", serde_json::to_string_pretty(&f.info)?);
+                }
+                if f.reason == crate::turn::report::FinishReason::Length {
+                    eprintln!("[stopped at the token limit]");
+                }
+                return Ok(f.text);
+            }
+            crate::turn::TurnEvent::Failed(e) => bail!("{e}"),
+        }
+    }
+    bail!("the answer ended before it finished")
+}
+
+fn chat(cli: &Cli, gen: &GenArgs, t: &TurnArgs) -> Result<ExitCode> {
+    let deps = turn_deps(cli, t)?;
+    let rt = runtime()?;
     let mut history = system_messages(gen);
     let stdin = std::io::stdin();
-    let name = bundle.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    eprintln!("Helpline chat on {name}. Type a message; /reset clears the history, /exit or Ctrl-D quits.");
+    let name = deps.model.bundle.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let grounding = if t.no_grounding { "not grounded".to_string() } else { format!("answers from {}", t.docs_dir.display()) };
+    eprintln!("Helpline chat on {name} ({grounding}). Type a message; /reset clears the history, /exit or Ctrl-D quits.");
     loop {
         eprint!("> ");
         std::io::stderr().flush()?;
@@ -498,19 +612,65 @@ fn chat(cli: &Cli, gen: &GenArgs) -> Result<ExitCode> {
             _ => {}
         }
         history.push(ChatMessage { role: "user".into(), content: line.to_string() });
-        let prompt = bundle.chat_prompt(&history)?;
-        if prompt.len() + 1 >= engine.max_positions() {
-            history.pop();
-            eprintln!(
-                "The conversation is too long for the model ({} tokens, it holds {}). Use /reset to start over.",
-                prompt.len(),
-                engine.max_positions()
-            );
-            continue;
+        match rt.block_on(ask_turn(&deps, gen, t, history.clone())) {
+            Ok(answer) => history.push(ChatMessage { role: "assistant".into(), content: answer }),
+            Err(e) => {
+                history.pop();
+                eprintln!("{e:#}");
+            }
         }
-        let answer = stream_answer(&engine, gen.job(prompt))?;
-        history.push(ChatMessage { role: "assistant".into(), content: answer });
     }
     Ok(ExitCode::SUCCESS)
 }
 
+fn eval_answers(cli: &Cli, args: &EvalArgs) -> Result<ExitCode> {
+    use crate::answer_eval as ae;
+    let mode = parse_mode(&args.mode)?;
+    let deps = turn_deps_for(cli, &args.policy_file, &args.docs_dir, &args.index_dir, true)?;
+    let rt = runtime()?;
+    let mut dump: Vec<ae::Outcome> = Vec::new();
+    let mut report = serde_json::Map::new();
+    let cases = ae::load(&args.questions).map_err(|e| anyhow::anyhow!(e))?;
+    let outcomes = rt.block_on(ae::run(&deps, &cases, mode, None)).map_err(|e| anyhow::anyhow!(e))?;
+    let q = ae::question_figures(&outcomes);
+    if !args.json {
+        print!("{}: {q}", args.questions.display());
+    }
+    report.insert("questions".into(), serde_json::to_value(&q)?);
+    dump.extend(outcomes);
+    if let Some(path) = &args.decisions {
+        let cases = ae::load(path).map_err(|e| anyhow::anyhow!(e))?;
+        let verdicts = ae::Matcher::load(&path.with_file_name("verdicts.json")).map_err(|e| anyhow::anyhow!(e))?;
+        let outcomes = rt.block_on(ae::run(&deps, &cases, mode, Some(&verdicts))).map_err(|e| anyhow::anyhow!(e))?;
+        let docs = cases.iter().filter_map(|c| Some((c.id.clone(), c.rule_doc.clone()?))).collect();
+        let d = ae::decision_figures(&outcomes, &docs);
+        if !args.json {
+            print!("{}: {d}", path.display());
+        }
+        report.insert("decisions".into(), serde_json::to_value(&d)?);
+        dump.extend(outcomes);
+    }
+    if let Some(path) = &args.redteam {
+        let cases = ae::load(path).map_err(|e| anyhow::anyhow!(e))?;
+        let forbidden = ae::Matcher::load(&path.with_file_name("forbidden.json")).map_err(|e| anyhow::anyhow!(e))?;
+        let outcomes = rt.block_on(ae::run(&deps, &cases, mode, Some(&forbidden))).map_err(|e| anyhow::anyhow!(e))?;
+        let r = ae::redteam_figures(&outcomes, &cases);
+        if !args.json {
+            print!("{}: {r}", path.display());
+        }
+        report.insert("redteam".into(), serde_json::to_value(&r)?);
+        dump.extend(outcomes);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if let Some(path) = &args.dump {
+        let mut text = String::new();
+        for o in &dump {
+            text.push_str(&serde_json::to_string(o)?);
+            text.push('\n');
+        }
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -32,6 +32,10 @@ pub struct ServeConfig {
     pub max_tokens_limit: usize,
     /// `max_tokens` when the request gives none.
     pub default_max_tokens: usize,
+    /// `temperature` and `top_p` when the request gives none (greedy unless configured: OpenAI's
+    /// temperature 1 makes a support answer change with each ask).
+    pub default_temperature: f32,
+    pub default_top_p: f32,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
     /// Interval of SSE keep-alive comments.
@@ -132,8 +136,11 @@ pub struct GroundingConfig {
     pub handoff_message: String,
     /// The policy pack (forbidden commitments, escalation triggers, out-of-scope topics).
     pub policy_file: PathBuf,
-    /// Answer grounded chat in quote mode unless a request says otherwise.
-    pub quote_mode: bool,
+    /// How grounded answers are made unless a request asks otherwise (`answer_mode`; the older
+    /// `quote_mode = true` means `quote`).
+    pub answer_mode: crate::turn::Mode,
+    /// The modes a request may ask for (`helpline.answer_mode`).
+    pub allowed_modes: Vec<crate::turn::Mode>,
 }
 
 impl Default for GroundingConfig {
@@ -144,7 +151,7 @@ impl Default for GroundingConfig {
             auto_index: true,
             enabled: true,
             passages: 3,
-            min_relevance: crate::retrieval::DEFAULT_MIN_SCORE,
+            min_relevance: crate::turn::GATE_THRESHOLD,
             passage_tokens: 1024,
             history_tokens: 768,
             refusal_message: "I'm sorry, I can't answer that from our help center documentation, and I don't want to guess. \
@@ -154,7 +161,8 @@ impl Default for GroundingConfig {
                               our team answers within one business day."
                 .into(),
             policy_file: PathBuf::from("docs-corpus/policy.toml"),
-            quote_mode: false,
+            answer_mode: crate::turn::Mode::Assembled,
+            allowed_modes: vec![crate::turn::Mode::Assembled, crate::turn::Mode::Generative, crate::turn::Mode::Quote],
         }
     }
 }
@@ -177,6 +185,8 @@ impl Default for ServeConfig {
             max_prompt_tokens: 8192,
             max_tokens_limit: 4096,
             default_max_tokens: 512,
+            default_temperature: 0.0,
+            default_top_p: 1.0,
             shutdown_grace: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             config_file: None,
@@ -278,10 +288,25 @@ pub struct ServeArgs {
     /// The policy pack TOML (default docs-corpus/policy.toml); validated at start-up and on reload.
     #[arg(long, value_name = "FILE")]
     pub policy_file: Option<PathBuf>,
-    /// `true`: grounded answers quote the docs verbatim (each sentence copied from a passage) unless a
-    /// request says otherwise (default false).
+    /// `true`: grounded answers are made in quote mode (the model copying sentences under a grammar);
+    /// the same as `--answer-mode quote`. Kept for older configurations.
     #[arg(long, value_name = "BOOL")]
     pub quote_mode: Option<bool>,
+    /// How grounded answers are made unless a request asks otherwise: `assembled` (default; quotes
+    /// of the approved articles between fixed connectives, no model), `generative` (the model's
+    /// wording, every sentence checked against the evidence before it is sent) or `quote`.
+    #[arg(long, value_name = "MODE")]
+    pub answer_mode: Option<String>,
+    /// The answer modes a request may ask for with `helpline.answer_mode` (comma-separated;
+    /// default all three).
+    #[arg(long, value_name = "MODES")]
+    pub allowed_answer_modes: Option<String>,
+    /// `temperature` of requests that give none (default 0: greedy).
+    #[arg(long)]
+    pub default_temperature: Option<f64>,
+    /// `top_p` of requests that give none (default 1).
+    #[arg(long)]
+    pub default_top_p: Option<f64>,
     /// Largest structured-output constraint (JSON schema, regex or Lark grammar) a request may send, in bytes (default 131072).
     #[arg(long)]
     pub max_grammar_bytes: Option<usize>,
@@ -400,6 +425,10 @@ pub const SETTINGS: &[&str] = &[
     "handoff_message",
     "policy_file",
     "quote_mode",
+    "answer_mode",
+    "allowed_answer_modes",
+    "default_temperature",
+    "default_top_p",
     "max_grammar_bytes",
     "max_grammar_depth",
     "grammar_compile_ms",
@@ -521,7 +550,54 @@ pub fn load_with_env(
         refusal_message: r.text("refusal_message", 2000)?.unwrap_or(g.refusal_message),
         handoff_message: r.text("handoff_message", 2000)?.unwrap_or(g.handoff_message),
         policy_file: path("policy_file")?.unwrap_or(g.policy_file),
-        quote_mode: r.bool("quote_mode")?.unwrap_or(g.quote_mode),
+        answer_mode: {
+            let quote = r.bool("quote_mode")?;
+            match r.pick("answer_mode") {
+                Some((raw, src)) => {
+                    let v = raw.single("answer_mode", &src)?;
+                    let m = crate::turn::Mode::parse(v.trim()).ok_or_else(|| {
+                        ConfigError::new("answer_mode", Some(src.clone()), format!("expected `assembled`, `generative` or `quote` (got `{}`)", shown(&v)))
+                    })?;
+                    if quote == Some(true) && m != crate::turn::Mode::Quote {
+                        return Err(ConfigError::new("quote_mode", Some(src), "`quote_mode = true` contradicts `answer_mode`; give only `answer_mode`"));
+                    }
+                    m
+                }
+                None if quote == Some(true) => crate::turn::Mode::Quote,
+                None => g.answer_mode,
+            }
+        },
+        allowed_modes: match r.pick("allowed_answer_modes") {
+            Some((raw, src)) => {
+                let items: Vec<String> = match raw {
+                    Raw::List(l) => l,
+                    other => other.single("allowed_answer_modes", &src)?.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect(),
+                };
+                let mut modes = Vec::new();
+                for it in &items {
+                    let m = crate::turn::Mode::parse(it).ok_or_else(|| {
+                        ConfigError::new("allowed_answer_modes", Some(src.clone()), format!("`{}` is not `assembled`, `generative` or `quote`", shown(it)))
+                    })?;
+                    if !modes.contains(&m) {
+                        modes.push(m);
+                    }
+                }
+                if modes.is_empty() {
+                    return Err(ConfigError::new("allowed_answer_modes", Some(src), "list at least one mode"));
+                }
+                modes
+            }
+            None => g.allowed_modes,
+        },
+    };
+    if !grounding.allowed_modes.contains(&grounding.answer_mode) {
+        return Err(ConfigError::new("allowed_answer_modes", None, format!("must include the default `answer_mode` ({})", grounding.answer_mode.as_str())));
+    }
+    let default_temperature = r.float("default_temperature", 0.0, 2.0)?.map(|v| v as f32).unwrap_or(defaults.default_temperature);
+    let default_top_p = match r.float("default_top_p", 0.0, 1.0)? {
+        Some(v) if v <= 0.0 => return Err(ConfigError::new("default_top_p", None, "must be in (0, 1]")),
+        Some(v) => v as f32,
+        None => defaults.default_top_p,
     };
     let cd = defaults.conversations.clone();
     let mut agent_key_hashes = Vec::new();
@@ -623,6 +699,8 @@ pub fn load_with_env(
         max_prompt_tokens,
         max_tokens_limit,
         default_max_tokens,
+        default_temperature,
+        default_top_p,
         shutdown_grace,
         keep_alive: defaults.keep_alive,
         config_file,
@@ -707,6 +785,10 @@ impl Resolver<'_> {
             "handoff_message" => a.handoff_message.clone().map(Raw::Text),
             "policy_file" => a.policy_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
             "quote_mode" => a.quote_mode.map(|b| Raw::Text(b.to_string())),
+            "answer_mode" => a.answer_mode.clone().map(Raw::Text),
+            "allowed_answer_modes" => a.allowed_answer_modes.clone().map(Raw::Text),
+            "default_temperature" => a.default_temperature.map(|v| Raw::Text(v.to_string())),
+            "default_top_p" => a.default_top_p.map(|v| Raw::Text(v.to_string())),
             "max_grammar_bytes" => int(a.max_grammar_bytes.map(|v| v as u64)),
             "max_grammar_depth" => int(a.max_grammar_depth.map(|v| v as u64)),
             "grammar_compile_ms" => int(a.grammar_compile_ms),

@@ -6,14 +6,17 @@
 //! `cli` -> the only place that knows everything.
 
 pub mod model;
+pub mod embed;
 pub mod prompt;
 pub mod tokenizer;
 pub mod guard;
 pub mod retrieval;
 pub mod sampler;
 pub mod engine;
+pub mod turn;
 pub mod bench;
 pub mod bench_serve;
+pub mod answer_eval;
 pub mod cli;
 pub mod config;
 pub mod server;

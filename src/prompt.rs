@@ -296,6 +296,8 @@ mod tests {
             snippet: String::new(),
             score: 1.0,
             relevance: 1.0,
+            lexical: 1.0,
+            semantic: 1.0,
         }
     }
 

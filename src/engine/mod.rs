@@ -39,6 +39,14 @@ impl Default for EngineConfig {
     }
 }
 
+/// What exists once a model has loaded: its files, the engine thread that owns it, and the
+/// compiler of output constraints for its tokenizer (built once: it walks the vocabulary).
+pub struct Loaded {
+    pub bundle: ModelBundle,
+    pub engine: Engine,
+    pub guard: Arc<crate::guard::grammar::GuardCompiler>,
+}
+
 /// One generation request, already tokenized and validated.
 #[derive(Debug, Clone)]
 pub struct Job {

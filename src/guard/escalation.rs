@@ -4,7 +4,7 @@
 
 use regex::Regex;
 
-use super::policy::{compile_pattern, PolicyError, PolicyPack};
+use super::policy::{compile_pattern, DecisionRule, PolicyError, PolicyPack};
 
 /// A rule that fired on a customer message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +32,15 @@ pub struct Triggers {
     escalation: Vec<Rule>,
     out_of_scope: Vec<(Rule, String)>,
     repeated: Option<(u32, Rule)>,
+    decision_forms: Option<Rule>,
+    decisions: Vec<(Rule, DecisionRule)>,
+}
+
+/// A decision rule that fired on a customer message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionFired {
+    pub fired: Fired,
+    pub rule: DecisionRule,
 }
 
 /// One message of the conversation, as the triggers see it.
@@ -68,7 +77,29 @@ impl Triggers {
             Some(f) => Some((f.after, rule("repeated_failure", "repeated-failure", &f.reason, &f.phrases, &[])?)),
             None => None,
         };
-        Ok(Triggers { escalation, out_of_scope, repeated })
+        let decision_forms = match &pack.decision_forms {
+            Some(f) => Some(rule("decision_forms", "decision-forms", "decision", &f.phrases, &f.patterns)?),
+            None => None,
+        };
+        let decisions = pack
+            .decisions
+            .iter()
+            .map(|r| Ok((rule("decisions", &r.id, &r.reason, &r.topics, &r.topic_patterns)?, r.clone())))
+            .collect::<Result<_, PolicyError>>()?;
+        Ok(Triggers { escalation, out_of_scope, repeated, decision_forms, decisions })
+    }
+
+    /// The first decision rule (in pack order) a customer message fires: it asks for a decision on
+    /// the customer's own case (a decision form) about the rule's topic (any topic when it names none).
+    pub fn decision(&self, text: &str) -> Option<DecisionFired> {
+        let forms = self.decision_forms.as_ref()?;
+        if !forms.matches(text) {
+            return None;
+        }
+        self.decisions
+            .iter()
+            .find(|(r, _)| r.matchers.is_empty() || r.matches(text))
+            .map(|(r, d)| DecisionFired { fired: Fired { rule: r.id.clone(), reason: r.reason.clone() }, rule: d.clone() })
     }
 
     /// The first escalation rule (in pack order) the latest customer message fires, else a repeated

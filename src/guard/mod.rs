@@ -5,6 +5,7 @@
 //! Knows the tokenizer; nothing of the engine or the server.
 
 pub mod bounds;
+pub mod commitment;
 pub mod env;
 pub mod escalation;
 pub mod grammar;

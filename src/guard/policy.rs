@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 /// Longest phrase or pattern, in characters.
 pub const MAX_PHRASE_CHARS: usize = 200;
+/// Longest regular expression, in characters.
+pub const MAX_PATTERN_CHARS: usize = 600;
 /// Most phrases plus patterns in one rule.
 pub const MAX_PHRASES_PER_RULE: usize = 200;
 /// Most rules of all kinds together.
@@ -38,6 +40,46 @@ pub struct PolicyPack {
     #[serde(default)]
     pub escalation: Vec<EscalationRule>,
     pub repeated_failure: Option<RepeatedFailure>,
+    /// How a customer asks the bot to decide their own case ("am I eligible", "can you waive").
+    pub decision_forms: Option<DecisionForms>,
+    /// Decisions that are not the bot's to make: answered with the rule, quoted, and the offer of
+    /// a person; never a yes or no.
+    #[serde(default)]
+    pub decisions: Vec<DecisionRule>,
+}
+
+/// The wordings of a request for a decision on the customer's own case, shared by every
+/// [`DecisionRule`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionForms {
+    #[serde(default)]
+    pub phrases: Vec<String>,
+    #[serde(default)]
+    pub patterns: Vec<String>,
+}
+
+/// A decision a person makes: fires when a customer message has one of the decision forms and
+/// (when `topics` is given) one of the topics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRule {
+    pub id: String,
+    pub description: String,
+    /// Stable code for the offered handoff, metrics and the audit (snake_case).
+    pub reason: String,
+    /// The approved article holding the rule (its id); none: the rule is quoted from what
+    /// retrieval finds for the message.
+    pub article: Option<String>,
+    /// What the decision is about (phrases or patterns); empty: any decision request.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    #[serde(default)]
+    pub topic_patterns: Vec<String>,
+    /// Said before the quoted rule.
+    pub reply: String,
+    /// The offer of a person, after the rule (default: `messages.decision_offer`).
+    pub offer: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +89,34 @@ pub struct Messages {
     pub refusal: String,
     /// What the bot says when it hands the conversation to a person.
     pub handoff: String,
+    /// Ends every assembled answer: the offer of more help or of a person.
+    #[serde(default = "default_closing")]
+    pub closing: String,
+    /// The answer to a greeting with no question in it.
+    #[serde(default = "default_greeting")]
+    pub greeting: String,
+    /// The answer to thanks with no question in it.
+    #[serde(default = "default_thanks")]
+    pub thanks: String,
+    /// Ends a decision answer: who decides, and the offer of that person.
+    #[serde(default = "default_decision_offer")]
+    pub decision_offer: String,
+}
+
+fn default_closing() -> String {
+    "Is there anything else I can help with? If this doesn't answer your question, I can connect you with a member of our support team.".into()
+}
+
+fn default_greeting() -> String {
+    "Hello! I can answer questions about our product from our help center. What can I help you with?".into()
+}
+
+fn default_thanks() -> String {
+    "You're welcome! Is there anything else I can help with?".into()
+}
+
+fn default_decision_offer() -> String {
+    "Would you like me to connect you with a member of our team? They look at each case individually.".into()
 }
 
 /// Commitments the bot must never make: literal phrases (matched in any casing, with any spacing
@@ -162,7 +232,11 @@ impl PolicyPack {
         check_text("name", &self.name, 200)?;
         check_text("messages.refusal", &self.messages.refusal, MAX_MESSAGE_CHARS)?;
         check_text("messages.handoff", &self.messages.handoff, MAX_MESSAGE_CHARS)?;
-        let total = self.forbidden.len() + self.bounds.len() + self.out_of_scope.len() + self.escalation.len();
+        check_text("messages.closing", &self.messages.closing, MAX_MESSAGE_CHARS)?;
+        check_text("messages.greeting", &self.messages.greeting, MAX_MESSAGE_CHARS)?;
+        check_text("messages.thanks", &self.messages.thanks, MAX_MESSAGE_CHARS)?;
+        check_text("messages.decision_offer", &self.messages.decision_offer, MAX_MESSAGE_CHARS)?;
+        let total = self.forbidden.len() + self.bounds.len() + self.out_of_scope.len() + self.escalation.len() + self.decisions.len();
         if total > MAX_RULES {
             return Err(PolicyError::new("the file", format!("has {total} rules; at most {MAX_RULES} are allowed")));
         }
@@ -213,6 +287,29 @@ impl PolicyPack {
             check_reason(&at, &r.reason)?;
             check_phrases(&at, &r.phrases, &r.patterns, true)?;
         }
+        match (&self.decision_forms, self.decisions.is_empty()) {
+            (None, false) => {
+                return Err(PolicyError::new("decision_forms", "[[decisions]] need [decision_forms]: the wordings of a request for a decision"));
+            }
+            (Some(f), _) => check_phrases("decision_forms", &f.phrases, &f.patterns, true)?,
+            (None, true) => {}
+        }
+        for r in &self.decisions {
+            let at = unique("decisions", &r.id)?;
+            check_text(&format!("{at}: description"), &r.description, 500)?;
+            check_reason(&at, &r.reason)?;
+            check_text(&format!("{at}: reply"), &r.reply, MAX_MESSAGE_CHARS)?;
+            if let Some(o) = &r.offer {
+                check_text(&format!("{at}: offer"), o, MAX_MESSAGE_CHARS)?;
+            }
+            if let Some(a) = &r.article {
+                let kebab = (1..=64).contains(&a.len()) && a.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                if !kebab {
+                    return Err(PolicyError::new(&at, format!("article {a:?} is not an article id (kebab-case, as in the article's front matter)")));
+                }
+            }
+            check_phrases(&format!("{at}: topics"), &r.topics, &r.topic_patterns, false)?;
+        }
         if let Some(f) = &self.repeated_failure {
             let at = "repeated_failure";
             if !(1..=10).contains(&f.after) {
@@ -232,6 +329,13 @@ impl PolicyPack {
             .chain(self.bounds.iter().map(|r| r.id.as_str()))
             .chain(self.out_of_scope.iter().map(|r| r.id.as_str()))
             .chain(self.escalation.iter().map(|r| r.id.as_str()))
+            .chain(self.decisions.iter().map(|r| r.id.as_str()))
+    }
+
+    /// The article ids that decision rules quote, with their rule ids (checked against the index
+    /// at start-up and on reload).
+    pub fn decision_articles(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.decisions.iter().filter_map(|r| r.article.as_deref().map(|a| (r.id.as_str(), a)))
     }
 }
 
@@ -280,8 +384,8 @@ fn check_phrases(at: &str, phrases: &[String], patterns: &[String], need_one: bo
 /// Compiles a pattern the way every matcher uses it (case-insensitive), naming the problem.
 pub fn compile_pattern(at: &str, pattern: &str) -> Result<regex::Regex, PolicyError> {
     let len = pattern.chars().count();
-    if len == 0 || len > MAX_PHRASE_CHARS {
-        return Err(PolicyError::new(at, format!("must have 1 to {MAX_PHRASE_CHARS} characters (has {len})")));
+    if len == 0 || len > MAX_PATTERN_CHARS {
+        return Err(PolicyError::new(at, format!("must have 1 to {MAX_PATTERN_CHARS} characters (has {len})")));
     }
     let re = regex::RegexBuilder::new(pattern)
         .case_insensitive(true)

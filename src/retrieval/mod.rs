@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 mod chunk;
 mod document;
 pub mod eval;
+pub mod evidence;
 mod html;
 mod index;
 mod schema;
@@ -24,7 +25,7 @@ pub use document::is_kebab_case;
 pub use eval::{evaluate, load_cases, EvalCase, EvalError, Miss, RetrievalEval};
 pub use index::{build_index, FileOutcome, FileStatus, IndexOptions, IndexReport};
 pub use schema::SCHEMA_VERSION;
-pub use search::{KnowledgeBase, EARLIER_TURN_DECAY, EARLIER_TURN_WEIGHT, MAX_CHUNKS_PER_DOC, RELEVANCE_SCALE, SECTION_BOOST, SNIPPET_CHARS, TITLE_BOOST};
+pub use search::{combined_relevance, KnowledgeBase, Retrieval, EARLIER_TURN_DECAY, EARLIER_TURN_WEIGHT, MAX_CHUNKS_PER_DOC, RELEVANCE_SCALE, SECTION_BOOST, SNIPPET_CHARS, TITLE_BOOST};
 
 /// One chunk of an approved article, as the model sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +57,13 @@ pub struct Passage {
     /// questions better than raw BM25 or coverage alone (see docs/grounding.md). See [`is_relevant`].
     #[serde(default)]
     pub relevance: f32,
+    /// The lexical side of the gate: `e / (e + RELEVANCE_SCALE)` as above.
+    #[serde(default)]
+    pub lexical: f32,
+    /// The semantic side: the best cosine similarity between the question and one of the chunk's
+    /// evidence units (sentence embeddings).
+    #[serde(default)]
+    pub semantic: f32,
 }
 
 /// The relevance gate's default threshold on [`Passage::relevance`], calibrated on
@@ -92,6 +100,10 @@ pub enum RetrievalError {
     Query(String),
     #[error("index error: {0}")]
     Tantivy(String),
+    #[error("evidence error: {0}")]
+    Evidence(String),
+    #[error(transparent)]
+    Embed(#[from] crate::embed::EmbedError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -16,7 +16,11 @@ use tantivy::snippet::SnippetGenerator;
 use tantivy::tokenizer::TextAnalyzer;
 use tantivy::{Index, IndexReader, ReloadPolicy, Searcher, TantivyDocument, TantivyError};
 
+use std::time::Instant;
+
+use super::evidence::{self, EvidenceTable, Unit};
 use super::index::IndexMeta;
+use crate::embed::Embedder;
 use super::schema::{self, Fields, KIND_CHUNK, KIND_META, SCHEMA_VERSION};
 use super::{Filters, Passage, RetrievalError};
 
@@ -52,6 +56,24 @@ const MIN_TYPO_CHARS: usize = 5;
 /// on the eval set, so that the default gate is `relevance >= 0.5`.
 pub const RELEVANCE_SCALE: f32 = 3.5;
 
+/// Reciprocal-rank fusion: a candidate at rank r (from 0) of a list adds `weight / (RRF_K + r + 1)`.
+pub const RRF_K: f32 = 10.0;
+pub const LEXICAL_WEIGHT: f32 = 1.0;
+pub const DENSE_WEIGHT: f32 = 1.0;
+
+/// Cosine similarity between a question and its best sentence below which the semantic half of the
+/// gate gives nothing, and the span over which it rises to 1.
+pub const SEMANTIC_FLOOR: f32 = 0.25;
+pub const SEMANTIC_SPAN: f32 = 0.5;
+/// Share of the gate's measure that comes from the lexical side.
+pub const LEXICAL_SHARE: f32 = 0.5;
+
+/// The relevance gate's measure from its two sides, in [0, 1].
+pub fn combined_relevance(lexical: f32, semantic: f32) -> f32 {
+    let s = ((semantic - SEMANTIC_FLOOR) / SEMANTIC_SPAN).clamp(0.0, 1.0);
+    LEXICAL_SHARE * lexical + (1.0 - LEXICAL_SHARE) * s
+}
+
 /// Longest snippet, in characters.
 pub const SNIPPET_CHARS: usize = 200;
 
@@ -72,6 +94,30 @@ pub const FOLLOW_UP_MAX_TERMS: usize = 4;
 /// Share of a corrected word's idf that a passage containing its correction covers.
 pub const CORRECTED_CREDIT: f32 = 0.5;
 
+/// What retrieval found for one question (see [`KnowledgeBase::retrieve`]).
+#[derive(Debug, Clone)]
+pub struct Retrieval {
+    /// Fused, diversified passages, best first.
+    pub passages: Vec<Passage>,
+    /// The question's unit vector.
+    pub query_vector: Vec<f32>,
+    /// Every evidence unit's cosine similarity to the question, in unit order: read in context, and
+    /// its text alone.
+    pub similarities: Vec<f32>,
+    pub plain_similarities: Vec<f32>,
+    /// The evidence of the version searched.
+    pub evidence: Arc<EvidenceTable>,
+    /// Analyzed query terms with their weights (1 for the latest message, less for earlier ones).
+    pub terms: Vec<(String, f32)>,
+    /// The message was read as a follow-up of the conversation.
+    pub follow_up: bool,
+    /// Share of the latest message's searchable words the index does not know (after typo
+    /// correction): a question about something the docs never mention has many.
+    pub unknown: f32,
+    /// Time spent embedding the question.
+    pub embed_ms: f64,
+}
+
 /// A searchable, cheaply clonable handle on a built index. The reader reloads by itself shortly
 /// after another process commits; [`reload`](Self::reload) forces it now.
 #[derive(Clone)]
@@ -82,6 +128,7 @@ pub struct KnowledgeBase {
 struct Inner {
     path: PathBuf,
     reader: IndexReader,
+    embedder: Arc<Embedder>,
     fields: Fields,
     analyzer: TextAnalyzer,
     /// What was derived from the last searcher generation used (bookkeeping, vocabulary).
@@ -95,6 +142,8 @@ struct Snapshot {
     /// Every indexed word (title, section, text) with its largest document frequency over those
     /// fields; built only when a query has a word the index does not know.
     vocabulary: OnceLock<HashMap<String, u64>>,
+    /// The evidence units and vectors of this version, read on first use.
+    evidence: OnceLock<Result<Arc<EvidenceTable>, String>>,
 }
 
 fn tantivy_err(e: TantivyError) -> RetrievalError {
@@ -109,7 +158,7 @@ impl std::fmt::Debug for KnowledgeBase {
 
 impl KnowledgeBase {
     /// Opens the index built by [`build_index`](super::build_index) at `index_dir`.
-    pub fn open(index_dir: &Path) -> Result<Self, RetrievalError> {
+    pub fn open(index_dir: &Path, embedder: Arc<Embedder>) -> Result<Self, RetrievalError> {
         if !index_dir.join("meta.json").is_file() {
             return Err(RetrievalError::NoIndex { path: index_dir.to_path_buf() });
         }
@@ -130,16 +179,62 @@ impl KnowledgeBase {
         schema::register_analyzer(&index);
         let fields = Fields::resolve(&index.schema()).map_err(tantivy_err)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::OnCommitWithDelay).try_into().map_err(tantivy_err)?;
-        Ok(KnowledgeBase {
-            inner: Arc::new(Inner { path: index_dir.to_path_buf(), reader, fields, analyzer: schema::analyzer(), snapshot: Mutex::new(None) }),
-        })
+        let kb = KnowledgeBase {
+            inner: Arc::new(Inner { path: index_dir.to_path_buf(), reader, embedder, fields, analyzer: schema::analyzer(), snapshot: Mutex::new(None) }),
+        };
+        // Fail at open, not on the first question, when the evidence of this version is missing.
+        kb.evidence()?;
+        Ok(kb)
+    }
+
+    /// The evidence units of the version being searched, with their vectors.
+    pub fn evidence(&self) -> Result<Arc<EvidenceTable>, RetrievalError> {
+        let searcher = self.inner.reader.searcher();
+        self.evidence_of(&searcher)
+    }
+
+    fn evidence_of(&self, searcher: &Searcher) -> Result<Arc<EvidenceTable>, RetrievalError> {
+        let snapshot = self.snapshot(searcher);
+        let loaded = snapshot.evidence.get_or_init(|| {
+            let version = snapshot.meta.as_ref().map(|m| m.version.clone()).unwrap_or_default();
+            let path = evidence::file_for(&self.inner.path, &version, self.inner.embedder.fingerprint());
+            match EvidenceTable::read(&path) {
+                Ok(t) if t.dim == self.inner.embedder.dim() => Ok(Arc::new(t)),
+                Ok(_) => Err(format!("{} was made with another embedding size; rebuild the index with `helpline index`", path.display())),
+                Err(e) if !path.exists() => Err(format!(
+                    "the index at {} has no evidence file for version {version} and this embedding model ({e}); \
+                     rebuild it with `helpline index`",
+                    self.inner.path.display()
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        loaded.clone().map_err(RetrievalError::Evidence)
+    }
+
+    /// The embedding model the index was opened with.
+    pub fn embedder(&self) -> &Arc<Embedder> {
+        &self.inner.embedder
+    }
+
+    /// Analyzed terms of `text` (lower case, stop words removed, stemmed), as the index holds them.
+    pub fn analyze(&self, text: &str) -> Vec<String> {
+        let mut analyzer = self.inner.analyzer.clone();
+        schema::analyze(&mut analyzer, truncate(text, MAX_QUERY_BYTES))
+    }
+
+    /// Each term's idf over the chunks (a term the index does not know gets the highest).
+    pub fn term_idf(&self, terms: &[String]) -> Result<Vec<f32>, RetrievalError> {
+        let searcher = self.inner.reader.searcher();
+        let weighted: Vec<WeightedTerm> = terms.iter().map(|t| WeightedTerm { text: t.clone(), weight: 1.0, corrected: false }).collect();
+        self.idf(&searcher, &weighted)
     }
 
     /// The top `k` approved passages for `query` (at most [`MAX_CHUNKS_PER_DOC`] per document),
-    /// best first. Text with no searchable words gives an empty list, not an error.
+    /// best first: BM25 and dense (sentence-embedding) results fused. Text with no searchable words
+    /// gives an empty list, not an error.
     pub fn search(&self, query: &str, k: usize, filters: &Filters) -> Result<Vec<Passage>, RetrievalError> {
-        let terms = self.weighted_terms(query, &[], 0.0);
-        self.search_terms(&terms, k, filters)
+        Ok(self.retrieve(query, &[], EARLIER_TURN_WEIGHT, k, filters)?.passages)
     }
 
     /// Retrieval for a chat turn: `current` is the customer's latest message, `earlier` their
@@ -147,7 +242,7 @@ impl KnowledgeBase {
     /// follow-up such as "and how long does that take?" still finds the topic of the conversation
     /// while a change of topic is led by the new message.
     pub fn search_turn(&self, current: &str, earlier: &[&str], k: usize, filters: &Filters) -> Result<Vec<Passage>, RetrievalError> {
-        self.search_turn_weighted(current, earlier, EARLIER_TURN_WEIGHT, k, filters)
+        Ok(self.retrieve(current, earlier, EARLIER_TURN_WEIGHT, k, filters)?.passages)
     }
 
     /// [`search_turn`](Self::search_turn) with an explicit weight for the previous message (the
@@ -160,12 +255,49 @@ impl KnowledgeBase {
         k: usize,
         filters: &Filters,
     ) -> Result<Vec<Passage>, RetrievalError> {
+        Ok(self.retrieve(current, earlier, earlier_weight, k, filters)?.passages)
+    }
+
+    /// Everything a turn needs from retrieval: the fused passages, and what evidence selection
+    /// scores sentences with (the question's vector and terms, every unit's similarity to it).
+    pub fn retrieve(&self, current: &str, earlier: &[&str], earlier_weight: f32, k: usize, filters: &Filters) -> Result<Retrieval, RetrievalError> {
+        let searcher = self.inner.reader.searcher();
+        let evidence = self.evidence_of(&searcher)?;
         let own = self.weighted_terms(current, &[], 0.0);
-        if earlier.is_empty() || !self.is_elliptical(&own)? {
-            return self.search_terms(&own, k, filters);
-        }
-        let terms = self.weighted_terms(current, earlier, earlier_weight);
-        self.search_terms(&terms, k, filters)
+        let follow_up = !earlier.is_empty() && self.is_elliptical(&own)?;
+        let terms = if follow_up { self.weighted_terms(current, earlier, earlier_weight) } else { own };
+        // The question's vector; a follow-up leans on the conversation: its vector is the latest
+        // message read after the previous one.
+        let embed_started = Instant::now();
+        let text = if follow_up { format!("{} {current}", earlier.last().copied().unwrap_or_default()) } else { current.to_string() };
+        let query_vector = self.inner.embedder.embed_one(truncate(&text, MAX_QUERY_BYTES))?;
+        let embed_ms = embed_started.elapsed().as_secs_f64() * 1e3;
+        let similarities = evidence.similarities(&query_vector);
+        let plain_similarities = evidence.plain_similarities(&query_vector);
+        let passages = self.search_hybrid(&searcher, &evidence, &terms, &similarities, k, filters)?;
+        let unknown = {
+            let mut own: Vec<WeightedTerm> = terms.iter().filter(|t| t.weight >= 1.0).cloned().collect();
+            let n = own.len();
+            self.correct_typos(&searcher, &mut own)?;
+            let mut missing = 0;
+            for t in &own {
+                if !t.corrected && self.doc_freq(&searcher, &t.text)? == 0 {
+                    missing += 1;
+                }
+            }
+            if n == 0 { 0.0 } else { missing as f32 / n as f32 }
+        };
+        Ok(Retrieval {
+            passages,
+            query_vector,
+            similarities,
+            plain_similarities,
+            evidence,
+            terms: terms.iter().map(|t| (t.text.clone(), t.weight)).collect(),
+            follow_up,
+            unknown,
+            embed_ms,
+        })
     }
 
     /// Whether a message reads as a follow-up that leans on the conversation ("and how long does
@@ -266,7 +398,7 @@ impl KnowledgeBase {
         if let Some(s) = cache.as_ref().filter(|s| s.generation == generation) {
             return s.clone();
         }
-        let s = Arc::new(Snapshot { generation, meta: self.read_meta(searcher), vocabulary: OnceLock::new() });
+        let s = Arc::new(Snapshot { generation, meta: self.read_meta(searcher), vocabulary: OnceLock::new(), evidence: OnceLock::new() });
         *cache = Some(s.clone());
         s
     }
@@ -365,27 +497,38 @@ impl KnowledgeBase {
         terms
     }
 
-    fn search_terms(&self, terms: &[WeightedTerm], k: usize, filters: &Filters) -> Result<Vec<Passage>, RetrievalError> {
-        if terms.is_empty() || k == 0 {
+    /// BM25 over chunks and dense similarity over evidence units, fused by reciprocal rank; then
+    /// diversified (each document's best chunk first) and scored for the relevance gate.
+    fn search_hybrid(
+        &self,
+        searcher: &Searcher,
+        evidence: &EvidenceTable,
+        terms: &[WeightedTerm],
+        similarities: &[f32],
+        k: usize,
+        filters: &Filters,
+    ) -> Result<Vec<Passage>, RetrievalError> {
+        if k == 0 {
             return Ok(Vec::new());
         }
-        let searcher = self.inner.reader.searcher();
+        let limit = (k * 4 + 16).min(400);
         let mut terms = terms.to_vec();
         // The gate weighs each word by its idf as the customer wrote it (a word the docs never use is
         // the rarest there is); corrections only help find passages.
         let written_idf: HashMap<String, f32> = {
-            let idf = self.idf(&searcher, &terms)?;
+            let idf = self.idf(searcher, &terms)?;
             terms.iter().map(|t| t.text.clone()).zip(idf).collect()
         };
-        self.correct_typos(&searcher, &mut terms)?;
+        self.correct_typos(searcher, &mut terms)?;
         let terms = &terms[..];
         let f = &self.inner.fields;
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![(Occur::Must, exact(f.status, "approved")), (Occur::Must, exact(f.kind, KIND_CHUNK))];
         if let Some(any) = any_of(f.product_area, &filters.product_area) {
             clauses.push((Occur::Must, any));
         }
-        if let Some(locale) = filters.locale.as_deref().filter(|l| !l.trim().is_empty()) {
-            clauses.push((Occur::Must, exact(f.locale, &locale.trim().to_lowercase())));
+        let locale = filters.locale.as_deref().map(|l| l.trim().to_lowercase()).filter(|l| !l.is_empty());
+        if let Some(locale) = &locale {
+            clauses.push((Occur::Must, exact(f.locale, locale)));
         }
         if let Some(any) = any_of(f.doc_id, &filters.doc_id) {
             clauses.push((Occur::Must, any));
@@ -399,18 +542,64 @@ impl KnowledgeBase {
         }
         // Nested so that at least one term must match: next to Must clauses, plain Should clauses
         // would only add to the score.
-        clauses.push((Occur::Must, Box::new(BooleanQuery::new(should))));
-        let query = BooleanQuery::new(clauses);
+        let query: Option<BooleanQuery> = (!should.is_empty()).then(|| {
+            clauses.push((Occur::Must, Box::new(BooleanQuery::new(should))));
+            BooleanQuery::new(clauses)
+        });
 
-        let limit = (k * 4 + 16).min(400);
-        let top = searcher.search(&query, &TopDocs::with_limit(limit).order_by_score()).map_err(tantivy_err)?;
-        // Diversify: each document's best chunk first, in score order; a document's next chunks
+        // Lexical candidates, best first.
+        let mut lexical: Vec<Passage> = Vec::new();
+        if let Some(query) = &query {
+            for (score, addr) in searcher.search(query, &TopDocs::with_limit(limit).order_by_score()).map_err(tantivy_err)? {
+                let doc: TantivyDocument = searcher.doc(addr).map_err(tantivy_err)?;
+                if let Some(p) = self.to_passage(&doc, score) {
+                    lexical.push(p);
+                }
+            }
+        }
+        // Dense candidates: a chunk scores its best unit's similarity.
+        let allowed = |u: &Unit| {
+            (filters.product_area.is_empty() || filters.product_area.iter().any(|a| a.trim().eq_ignore_ascii_case(&u.product_area)))
+                && locale.as_ref().is_none_or(|l| &u.locale == l)
+                && (filters.doc_id.is_empty() || filters.doc_id.iter().any(|d| d.trim().eq_ignore_ascii_case(&u.doc_id)))
+        };
+        let mut best_unit: HashMap<&str, f32> = HashMap::new();
+        for (u, &sim) in evidence.units.iter().zip(similarities) {
+            if allowed(u) {
+                let e = best_unit.entry(u.chunk_id.as_str()).or_insert(f32::MIN);
+                *e = e.max(sim);
+            }
+        }
+        let mut dense: Vec<(&str, f32)> = best_unit.iter().map(|(c, s)| (*c, *s)).collect();
+        dense.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        dense.truncate(limit);
+
+        // Reciprocal-rank fusion.
+        let knob = |name: &str, d: f32| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+        let (lexical_weight, dense_weight, rrf_k) = (knob("TUNE_LW", LEXICAL_WEIGHT), knob("TUNE_DW", DENSE_WEIGHT), knob("TUNE_K", RRF_K));
+        let mut fused: HashMap<String, f32> = HashMap::new();
+        for (rank, p) in lexical.iter().enumerate() {
+            *fused.entry(p.chunk_id.clone()).or_insert(0.0) += lexical_weight / (rrf_k + rank as f32 + 1.0);
+        }
+        for (rank, (c, _)) in dense.iter().enumerate() {
+            *fused.entry(c.to_string()).or_insert(0.0) += dense_weight / (rrf_k + rank as f32 + 1.0);
+        }
+        let mut order: Vec<(String, f32)> = fused.into_iter().collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+
+        // Diversify: each document's best chunk first, in fused order; a document's next chunks
         // only fill places that no other document took.
+        let mut by_id: HashMap<String, Passage> = lexical.into_iter().map(|p| (p.chunk_id.clone(), p)).collect();
         let mut per_doc: HashMap<String, usize> = HashMap::new();
         let mut rounds: Vec<Vec<Passage>> = vec![Vec::new(); MAX_CHUNKS_PER_DOC];
-        for (score, addr) in top {
-            let doc: TantivyDocument = searcher.doc(addr).map_err(tantivy_err)?;
-            let Some(p) = self.to_passage(&doc, score) else { continue };
+        for (chunk_id, _) in &order {
+            let p = match by_id.remove(chunk_id) {
+                Some(p) => p,
+                None => match self.passage(chunk_id)? {
+                    Some(p) => p,
+                    None => continue,
+                },
+            };
             let n = per_doc.entry(p.doc_id.clone()).or_insert(0);
             if let Some(round) = rounds.get_mut(*n) {
                 round.push(p);
@@ -424,23 +613,32 @@ impl KnowledgeBase {
         if passages.is_empty() {
             return Ok(passages);
         }
-        let mut snippets = SnippetGenerator::create(&searcher, &query, f.text).map_err(tantivy_err)?;
-        snippets.set_max_num_chars(SNIPPET_CHARS);
+        let mut snippets = match &query {
+            Some(q) => {
+                let mut g = SnippetGenerator::create(searcher, q, f.text).map_err(tantivy_err)?;
+                g.set_max_num_chars(SNIPPET_CHARS);
+                Some(g)
+            }
+            None => None,
+        };
         let idf: Vec<f32> = {
-            let corrected_idf = self.idf(&searcher, terms)?;
+            let corrected_idf = self.idf(searcher, terms)?;
             terms.iter().zip(corrected_idf).map(|(t, i)| if t.corrected { written_idf.values().copied().fold(i, f32::max) } else { i }).collect()
         };
         let credit = |t: &WeightedTerm| if t.corrected { CORRECTED_CREDIT } else { 1.0 };
         let total: f32 = terms.iter().zip(&idf).map(|(t, idf)| t.weight * idf).sum();
         for p in &mut passages {
-            p.snippet = plain_snippet(snippets.snippet(&p.text).fragment(), &p.text);
+            let fragment = snippets.as_mut().map(|g| g.snippet(&p.text).fragment().to_string()).unwrap_or_default();
+            p.snippet = plain_snippet(&fragment, &p.text);
             let mut analyzer = self.inner.analyzer.clone();
             let words: HashSet<String> = schema::analyze(&mut analyzer, &format!("{}\n{}\n{}", p.title, p.section, p.text)).into_iter().collect();
             let matched: f32 =
                 terms.iter().zip(&idf).filter(|(t, _)| words.contains(&t.text)).map(|(t, idf)| credit(t) * t.weight * idf).sum();
             let coverage = if total > 0.0 { (matched / total).clamp(0.0, 1.0) } else { 0.0 };
-            let evidence = p.score * coverage.sqrt();
-            p.relevance = evidence / (evidence + RELEVANCE_SCALE);
+            let evidence_score = p.score * coverage.sqrt();
+            p.lexical = evidence_score / (evidence_score + RELEVANCE_SCALE);
+            p.semantic = best_unit.get(p.chunk_id.as_str()).copied().unwrap_or(0.0).max(0.0);
+            p.relevance = combined_relevance(p.lexical, p.semantic);
         }
         Ok(passages)
     }
@@ -491,6 +689,8 @@ impl KnowledgeBase {
             snippet: String::new(),
             score,
             relevance: 0.0,
+            lexical: 0.0,
+            semantic: 0.0,
         })
     }
 }

@@ -14,7 +14,7 @@
 //! - `GET /v1/kb/drafts`, `POST /v1/kb/{id}/approve`: the review queue, and approval (the article
 //!   moves to `<docs_dir>/<product_area>/<id>.md` as `approved` and the index is rebuilt).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,14 +30,12 @@ use utoipa::ToSchema;
 use super::conversations::{sentiment, AGENT_ROUTES_OFF, NO_AGENT_KEY, STORE_DOWN};
 use super::dto::ErrorResponse;
 use super::error::{ApiError, ApiJson};
-use super::grounding::{passage_out, passage_url, retrieval_error};
-use super::validate::{self, ValidSampling};
+use crate::turn::{passage_out, passage_url};
 use super::{AppState, SharedState};
-use crate::engine::{Event, FinishReason, Job, JobGuard, SubmitError};
 use crate::guard::escalation::{phrase_regex, Turn as TriggerTurn};
 use crate::guard::policy::compile_pattern;
 use crate::guard::ActivePolicy;
-use crate::prompt::{self, Budget, CitationFilter};
+use crate::prompt::CitationFilter;
 use crate::retrieval::{Filters, Passage};
 use crate::sampler::SamplingParams;
 use crate::store::{Conversation, ConversationStatus, Role, Turn, TurnState};
@@ -56,22 +54,6 @@ pub fn routes() -> Router<SharedState> {
 pub const MAX_TICKET_CHARS: usize = 8000;
 /// Longest agent note, in characters.
 pub const MAX_NOTE_CHARS: usize = 2000;
-/// Tokens the model may add to a reply draft: two or three sentences.
-pub const DRAFT_MAX_TOKENS: usize = 96;
-/// Frequency penalty of the draft paragraph: the 135M model loops without one.
-pub const DRAFT_FREQUENCY_PENALTY: f32 = 0.5;
-/// Least share of the model paragraph's content words the given passages must hold for it to be
-/// kept in the draft ([`prompt::support`]); below it the paragraph is left out as unsupported.
-pub const MIN_DRAFT_SUPPORT: f32 = 0.5;
-/// Fewest words a model paragraph needs to be worth keeping.
-pub const MIN_DRAFT_WORDS: usize = 5;
-/// A passage is given (and quoted) only when its relevance is within this of the best one: the
-/// gate alone lets in neighbours that merely share a few words with the question.
-pub const RELEVANCE_MARGIN: f32 = 0.1;
-/// Passages retrieved for the agent's note, besides those for the customer's issue.
-pub const NOTE_PASSAGES: usize = 2;
-/// Characters quoted from one passage in a draft.
-pub const QUOTE_CHARS: usize = 320;
 /// The folder under the docs directory that holds article drafts.
 pub const DRAFTS_DIR: &str = "drafts";
 /// `$id` of the case summary's JSON Schema (`docs/schemas/case-summary.schema.json`).
@@ -275,72 +257,6 @@ fn excerpt(text: &str, max: usize) -> String {
     format!("{}…", cut.trim_end_matches([' ', ',', ';', ':']))
 }
 
-const STOP_WORDS: &[&str] = &[
-    "the", "and", "for", "you", "your", "are", "can", "with", "that", "this", "from", "have", "has", "not", "but", "all", "any", "our",
-    "will", "its", "was", "were", "been", "into", "then", "than", "they", "them", "their", "there", "what", "when", "which", "who",
-    "how", "also", "only", "may", "each", "per", "one", "more", "use", "get", "yes", "need", "please", "thanks", "thank", "hello",
-    "could", "would", "should", "just", "does", "did", "why", "where", "about", "some", "want", "know", "help", "tried", "still",
-];
-
-fn content_words(text: &str) -> HashSet<String> {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| w.chars().count() >= 3)
-        .map(str::to_lowercase)
-        .filter(|w| !STOP_WORDS.contains(&w.as_str()))
-        .collect()
-}
-
-/// The sentences of a passage: split at line breaks and after `.`, `!` or `?` followed by a space;
-/// list markers dropped; fragments too short to say anything (such as `2.`) skipped.
-fn sentences(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut rest = line.trim();
-        while !rest.is_empty() {
-            let end = rest
-                .char_indices()
-                .find(|&(i, c)| matches!(c, '.' | '!' | '?') && rest[i + c.len_utf8()..].starts_with(' '))
-                .map(|(i, c)| i + c.len_utf8())
-                .unwrap_or(rest.len());
-            let s = rest[..end].trim().trim_start_matches(['-', '*', '•']).trim();
-            if s.chars().filter(|c| c.is_alphabetic()).count() >= 12 {
-                out.push(s.to_string());
-            }
-            rest = rest[end..].trim_start();
-        }
-    }
-    out
-}
-
-/// What a passage says about the question: its sentences sharing the most content words with
-/// `query` (at most two, in the passage's order, within [`QUOTE_CHARS`]); the first sentence when
-/// none shares a word. Verbatim, so the docs' own wording (and its bounds) carry over.
-fn key_sentences(p: &Passage, query: &HashSet<String>) -> String {
-    let all = sentences(&p.text);
-    if all.is_empty() {
-        return excerpt(&p.text, QUOTE_CHARS);
-    }
-    let mut scored: Vec<(usize, usize)> =
-        all.iter().enumerate().map(|(i, s)| (i, content_words(s).intersection(query).count())).filter(|&(_, n)| n > 0).collect();
-    // Most shared words first; earlier sentences win ties.
-    scored.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut chosen: Vec<usize> = Vec::new();
-    let mut len = 0;
-    for (i, _) in scored.into_iter().take(2) {
-        let n = all[i].chars().count();
-        if chosen.is_empty() || len + n < QUOTE_CHARS {
-            chosen.push(i);
-            len += n + 1;
-        }
-    }
-    if chosen.is_empty() {
-        // Nothing shares a word with the question: the first sentence that is not a table row
-        // (a row such as `| Plan | Limit |` says nothing out of its table).
-        chosen.push(all.iter().position(|s| s.matches('|').count() < 2).unwrap_or(0));
-    }
-    chosen.sort_unstable();
-    excerpt(&chosen.iter().map(|&i| all[i].as_str()).collect::<Vec<_>>().join(" "), QUOTE_CHARS)
-}
 
 /// Whether a customer's sentence asks something.
 fn is_question(sentence: &str) -> bool {
@@ -476,23 +392,22 @@ struct CitationOut {
     snippet: String,
 }
 
-/// What the blocking half of a draft decided.
+/// What the turn gave a draft.
 struct DraftPlan {
     query: String,
-    index_version: String,
-    /// Everything retrieved (for the report), and the passages given to the model, numbered.
-    retrieved: Vec<Passage>,
+    index_version: Option<String>,
+    /// The passages the draft cites, numbered as its markers.
     given: Vec<Passage>,
-    /// Why nothing was given: `no_relevant_docs` or `passages_over_budget`.
+    /// The quoted evidence, per passage number.
+    quotes: BTreeMap<usize, Vec<String>>,
+    /// Why nothing was quoted: `no_relevant_docs`.
     refused: Option<&'static str>,
-    /// The job for the model paragraph, and the grammar's hash.
-    job: Option<(Job, String)>,
     /// An out-of-scope topic the latest message is about: (rule, the pack's reply).
     out_of_scope: Option<(String, String)>,
-    /// Content words of the customer's issue and the note (to pick what to quote).
-    query_words: HashSet<String>,
+    /// A decision the customer asks for: (rule, reason).
+    decision: Option<(String, String)>,
+    gate: Option<crate::turn::report::GateOut>,
 }
-
 /// Draft a reply for an agent.
 ///
 /// A reply the agent can edit and send, for a stored conversation or a pasted ticket: greeting, a
@@ -539,26 +454,25 @@ pub async fn draft(State(state): State<SharedState>, ApiJson(req): ApiJson<Draft
         return Err(ApiError::invalid_field(case.field(), "the conversation has no customer message to reply to"));
     }
     let history = history_summary(&case, &policy, &state);
-    let st = state.clone();
-    let (case, note, plan) = tokio::task::spawn_blocking(move || {
-        let plan = plan_draft(&st, &case, note.as_deref());
-        (case, note, plan)
-    })
-    .await
-    .map_err(ApiError::internal)?;
-    let mut plan = plan?;
+    // The same turn as chat (retrieval, evidence, the gate, assembled quotes), for the agent:
+    // nothing is stored, and no escalation or handoff is decided (the agent is the person).
+    let mut deps = state.turn_deps()?;
+    deps.store = None;
+    let latest = case.msgs.iter().rposition(|m| m.role == Role::Customer).expect("checked above");
+    let messages: Vec<ChatMessage> = case.msgs[..=latest]
+        .iter()
+        .filter(|m| !m.text.trim().is_empty() && m.state == TurnState::Complete)
+        .map(|m| ChatMessage::new(if m.role == Role::Customer { "user" } else { "assistant" }, m.text.clone()))
+        .collect();
+    let main = draft_turn(&deps, messages).await?;
+    let noted = match &note {
+        Some(n) => Some(draft_turn(&deps, vec![ChatMessage::new("user", n.clone())]).await?),
+        None => None,
+    };
+    let plan = draft_plan(&main, noted.as_ref(), &case.msgs[latest].text, note.as_deref());
 
-    let mut generation = json!({"used": false});
-    let mut paragraph = String::new();
-    let mut grammar_hash = Value::Null;
-    if let Some((job, hash)) = plan.job.take() {
-        grammar_hash = json!(hash);
-        let out = generate(&state, job).await?;
-        let (text, report) = model_paragraph(&out, &plan.given, &policy);
-        paragraph = text;
-        generation = report;
-    }
-
+    let closing = policy.pack.messages.closing.trim();
+    let body = |f: &crate::turn::Finished| f.text.trim().strip_suffix(closing).unwrap_or(f.text.trim()).trim().to_string();
     let check = PhraseCheck::new(&policy);
     let negative = history["sentiment"]["label"] == "negative";
     let mut dropped: Vec<Value> = Vec::new();
@@ -567,40 +481,40 @@ pub async fn draft(State(state): State<SharedState>, ApiJson(req): ApiJson<Draft
         draft.push_str(" I'm sorry for the trouble this has caused.");
     }
     draft.push_str("\n\n");
+    let grounded = |f: &crate::turn::Finished| f.info.citations.as_ref().is_some_and(|c| !c.is_empty());
     if let Some((_, reply)) = &plan.out_of_scope {
         draft.push_str(reply.trim());
         draft.push_str("\n\n");
-    }
-    if plan.given.is_empty() {
+    } else if !grounded(&main) {
         draft.push_str(
             "Our help center does not cover this question, so I am passing it to the team that can answer it, \
              and you will hear back from us here.\n\n",
         );
     } else {
-        if !paragraph.is_empty() {
-            let hits = check.hits(&paragraph);
-            if hits.is_empty() {
-                draft.push_str(&paragraph);
-                draft.push_str("\n\n");
-            } else {
-                dropped.push(json!({"part": "model_paragraph", "rules": hits}));
-            }
+        let text = body(&main);
+        let hits = check.hits(&text);
+        if hits.is_empty() {
+            draft.push_str(&text);
+            draft.push_str("\n\n");
+        } else {
+            dropped.push(json!({"part": "quotes", "rules": hits}));
         }
-        draft.push_str("Here is what our help center says:\n");
-        for (i, p) in plan.given.iter().enumerate() {
-            let line = format!("- {}: {} [{}]\n", p.title, key_sentences(p, &plan.query_words), i + 1);
-            let hits = check.hits(&line);
-            if hits.is_empty() {
-                draft.push_str(&line);
-            } else {
-                dropped.push(json!({"part": format!("passage {}", i + 1), "rules": hits}));
-            }
+    }
+    if let Some(n) = noted.as_ref().filter(|n| grounded(n)) {
+        // The note's quotes follow, their markers numbered after the issue's.
+        let offset = main.info.citations.as_ref().map_or(0, |c| c.len());
+        let text = renumber(&body(n), offset);
+        let hits = check.hits(&text);
+        if hits.is_empty() {
+            draft.push_str(&text);
+            draft.push_str("\n\n");
+        } else {
+            dropped.push(json!({"part": "note_quotes", "rules": hits}));
         }
-        draft.push('\n');
     }
     draft.push_str("Let me know if there is anything else I can help with.");
 
-    // Citations: the markers the finished draft holds, each naming a given passage.
+    // Citations: the markers the finished draft holds, each naming a passage.
     let mut filter = CitationFilter::new(plan.given.len());
     filter.push(&draft);
     filter.finish();
@@ -619,25 +533,9 @@ pub async fn draft(State(state): State<SharedState>, ApiJson(req): ApiJson<Draft
             })
         })
         .collect();
-
-    let mut outline = outline(&case, &history, &plan, &citations, note.as_deref());
-    if generation["verdict"] == "kept" && draft.contains(&paragraph) {
-        // Lexical support is not truth: the small model's sentences get a human check.
-        let at = outline.len().saturating_sub(2);
-        outline.insert(at, "Check the paragraph before the quotes (written by the model) against the quoted docs".into());
-    }
+    let outline = outline(&case, &history, &plan, &citations, note.as_deref());
     let status = if plan.given.is_empty() { "no_relevant_docs" } else { "grounded" };
-    let given_ids: Vec<&str> = plan.given.iter().map(|p| p.chunk_id.as_str()).collect();
-    let passages: Vec<_> = plan
-        .retrieved
-        .iter()
-        .map(|p| passage_out(p, given_ids.iter().position(|id| *id == p.chunk_id).map(|i| i + 1), false))
-        .collect();
-    let mut constrained_by = Vec::new();
-    if !grammar_hash.is_null() {
-        constrained_by = policy.decode_rules();
-        constrained_by.push("citations".into());
-    }
+    let passages: Vec<_> = plan.given.iter().enumerate().map(|(i, p)| passage_out(p, Some(i + 1), false)).collect();
     Ok(Json(json!({
         "object": "assist.draft",
         "draft": draft,
@@ -646,240 +544,110 @@ pub async fn draft(State(state): State<SharedState>, ApiJson(req): ApiJson<Draft
         "outline": outline,
         "guard": {
             "policy_version": policy.pack.version,
-            "grammar_hash": grammar_hash,
-            "constrained_by": constrained_by,
+            "grammar_hash": Value::Null,
+            "constrained_by": Vec::<String>::new(),
             "checked_phrases": true,
             "dropped": dropped,
             "out_of_scope": plan.out_of_scope.as_ref().map(|(rule, _)| rule),
+            "decision": plan.decision.as_ref().map(|(rule, reason)| json!({"rule": rule, "reason": reason})),
         },
-        "generation": generation,
+        "generation": {"used": false, "mode": "assembled"},
         "grounding": {
             "status": status,
             "reason": plan.refused,
             "query": plan.query,
             "index_version": plan.index_version,
             "min_relevance": state.config.grounding.min_relevance,
+            "gate": plan.gate,
             "passages": passages,
         },
     })))
 }
 
-/// Keeps only passages that pass the relevance gate and lie within [`RELEVANCE_MARGIN`] of the best.
-fn close_to_best(found: Vec<Passage>, min: f32, take: usize) -> Vec<Passage> {
-    let best = found.iter().map(|p| p.relevance).fold(0.0f32, f32::max);
-    if best < min {
-        return Vec::new();
-    }
-    found.into_iter().filter(|p| p.relevance >= min && p.relevance >= best - RELEVANCE_MARGIN).take(take).collect()
+/// One turn of a draft: assembled, not stored, for an agent.
+async fn draft_turn(deps: &crate::turn::Deps, messages: Vec<ChatMessage>) -> Result<crate::turn::Finished, ApiError> {
+    let req = crate::turn::Request {
+        messages,
+        sampling: crate::turn::Sampling { params: SamplingParams::greedy(), max_tokens: 1, stop: Vec::new() },
+        grounding: Some(Filters::default()),
+        mode: crate::turn::Mode::Assembled,
+        structured: None,
+        conversation: None,
+        audit_request: Value::Null,
+        for_agent: true,
+    };
+    Ok(crate::turn::run(deps, req).await?.collect().await?)
 }
 
-/// Retrieval, the gate, the prompt and the guarded job (blocking: search and tokenizing are CPU work).
-fn plan_draft(state: &AppState, case: &Case, note: Option<&str>) -> Result<DraftPlan, ApiError> {
-    let cfg = &state.config;
-    let g = &cfg.grounding;
-    let policy = state.policy()?;
-    let kb = state.knowledge()?;
-    let last = case.msgs.iter().rposition(|m| m.role == Role::Customer).expect("checked by the caller");
-    let latest = &case.msgs[last].text;
-    let customer = case.customer_texts();
-    let earlier = &customer[..customer.len() - 1];
-    let earlier = &earlier[earlier.len().saturating_sub(super::grounding::EARLIER_TURNS)..];
-
-    let k = g.passages.max(1);
-    let found = kb.search_turn(latest, earlier, k, &Filters::default()).map_err(retrieval_error)?;
-    let mut retrieved = found.clone();
-    let mut picked = close_to_best(found, g.min_relevance, k);
-    let mut query = earlier.join(" / ");
-    if !query.is_empty() {
-        query.push_str(" / ");
+/// What the draft's turns found: the passages (the note's numbered after the issue's) and the
+/// quoted evidence of each.
+fn draft_plan(main: &crate::turn::Finished, noted: Option<&crate::turn::Finished>, latest: &str, note: Option<&str>) -> DraftPlan {
+    let mut given = Vec::new();
+    let mut quotes: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let mut gate = None;
+    let mut index_version = None;
+    for f in std::iter::once(main).chain(noted) {
+        let offset = given.len();
+        let Some(g) = &f.info.grounding else { continue };
+        if gate.is_none() {
+            gate = g.gate.clone();
+        }
+        index_version = index_version.or_else(|| g.index_version.clone());
+        if f.info.citations.as_ref().is_none_or(|c| c.is_empty()) {
+            continue;
+        }
+        for p in &g.passages {
+            given.push(Passage {
+                chunk_id: p.chunk_id.clone(),
+                doc_id: p.doc_id.clone(),
+                title: p.title.clone(),
+                section: p.section.clone(),
+                source: String::new(),
+                product_area: String::new(),
+                locale: String::new(),
+                updated: String::new(),
+                text: String::new(),
+                snippet: p.snippet.clone(),
+                score: p.score,
+                relevance: p.relevance,
+                lexical: p.lexical,
+                semantic: p.semantic,
+            });
+        }
+        for e in &g.evidence {
+            quotes.entry(e.cited_as + offset).or_default().push(e.text.clone());
+        }
     }
-    query.push_str(latest);
-    let mut query_words = content_words(latest);
-    if let Some(note) = note {
+    let rule = |f: &crate::turn::Finished, action: crate::turn::report::GuardAction| {
+        f.info.guard.as_ref().filter(|g| g.action == action).map(|g| (g.rules.first().cloned().unwrap_or_default(), g.reason.clone().unwrap_or_default()))
+    };
+    let out_of_scope = rule(main, crate::turn::report::GuardAction::Refusal).filter(|_| main.reason == crate::turn::report::FinishReason::ContentFilter).map(|(r, _)| (r, main.text.clone()));
+    let decision = rule(main, crate::turn::report::GuardAction::Decision);
+    let mut query = latest.to_string();
+    if let Some(n) = note {
         query.push_str(" // note: ");
-        query.push_str(note);
-        query_words.extend(content_words(note));
-        let for_note = kb.search(note, NOTE_PASSAGES, &Filters::default()).map_err(retrieval_error)?;
-        // The customer's issue leads: a note's passage joins only when it is about as relevant as
-        // the best one for the issue (a note often just gives context, such as the customer's plan).
-        let lead = picked.iter().map(|p| p.relevance).fold(0.0f32, f32::max);
-        for p in close_to_best(for_note.clone(), g.min_relevance, NOTE_PASSAGES) {
-            if p.relevance >= lead - RELEVANCE_MARGIN && !picked.iter().any(|q| q.chunk_id == p.chunk_id) {
-                picked.push(p);
-            }
-        }
-        for p in for_note {
-            if !retrieved.iter().any(|q| q.chunk_id == p.chunk_id) {
-                retrieved.push(p);
-            }
-        }
+        query.push_str(n);
     }
-    let out_of_scope = policy.triggers.out_of_scope(latest).map(|(f, reply)| (f.rule, reply.to_string()));
-    let mut plan = DraftPlan {
+    DraftPlan {
         query,
-        index_version: kb.version(),
-        retrieved,
-        given: Vec::new(),
-        refused: None,
-        job: None,
+        index_version,
+        refused: given.is_empty().then_some("no_relevant_docs"),
+        given,
+        quotes,
         out_of_scope,
-        query_words,
-    };
-    if picked.is_empty() {
-        plan.refused = Some("no_relevant_docs");
-        return Ok(plan);
-    }
-
-    let loaded = state.loaded()?;
-    let tok = &loaded.bundle.tokenizer;
-    let count = |text: &str| tok.encode(text, false).map(|ids| ids.len()).unwrap_or(text.len());
-    // The conversation up to the latest customer message, as the model would have seen it.
-    let history: Vec<ChatMessage> = case.msgs[..last]
-        .iter()
-        .filter(|m| !m.text.trim().is_empty() && m.state == TurnState::Complete)
-        .map(|m| ChatMessage::new(if m.role == Role::Customer { "user" } else { "assistant" }, m.text.clone()))
-        .collect();
-    let budget = Budget { passage_tokens: g.passage_tokens, history_tokens: g.history_tokens };
-    let mut built = prompt::build(&picked, &history, &ChatMessage::new("user", latest.clone()), budget, &count);
-    if built.given.is_empty() {
-        plan.refused = Some("passages_over_budget");
-        return Ok(plan);
-    }
-    plan.given = built.given.clone();
-    if plan.out_of_scope.is_some() {
-        // The pack's reply stands in for the model on a topic the bot does not discuss.
-        return Ok(plan);
-    }
-    if let Some(note) = note {
-        built.messages[0].content.push_str(&format!("\nThe support agent's note for this reply: {}\n", note.trim()));
-    }
-    let sampling = ValidSampling {
-        params: SamplingParams { frequency_penalty: DRAFT_FREQUENCY_PENALTY, ..SamplingParams::greedy() },
-        max_tokens: DRAFT_MAX_TOKENS.min(cfg.max_tokens_limit.max(1)),
-        stop: vec!["\n\n".into()],
-        stream: false,
-        include_usage: false,
-        structure: None,
-    };
-    let mut valid = validate::chat_generation(&built.messages, sampling, cfg, loaded)?;
-    // Fail closed: a grammar that does not compile is a 500, never an unconstrained draft.
-    let guard = policy
-        .answer_guard(&loaded.guard, built.given.len())
-        .map_err(|e| ApiError::internal(format!("the policy grammar does not compile: {e}")))?;
-    valid.job.guard = Some(JobGuard(Box::new(guard.matcher)));
-    plan.job = Some((valid.job, guard.hash));
-    Ok(plan)
-}
-
-/// The model's output, finished.
-struct Generated {
-    text: String,
-    reason: FinishReason,
-    tokens: usize,
-}
-
-async fn generate(state: &AppState, job: Job) -> Result<Generated, ApiError> {
-    let loaded = state.loaded()?;
-    let prompt_tokens = job.prompt.len();
-    let mut rx = loaded.engine.submit(job).map_err(|e| submit_error(state, e))?;
-    state.metrics.add_prompt_tokens(prompt_tokens as u64);
-    let mut text = String::new();
-    let mut tokens = 0;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Token { text: t, .. } => {
-                tokens += 1;
-                text.push_str(&t);
-            }
-            Event::Done { reason, text: t, .. } => {
-                text.push_str(&t);
-                return Ok(Generated { text, reason, tokens });
-            }
-            Event::Error(e) => return Err(ApiError::internal(format!("generation failed: {e}"))),
-        }
-    }
-    Err(ApiError::internal("the engine dropped the request before it finished"))
-}
-
-fn submit_error(state: &AppState, e: SubmitError) -> ApiError {
-    match e {
-        SubmitError::QueueFull { capacity } => {
-            state.metrics.rejection("queue_full");
-            ApiError::too_many_requests(2, format!("the server is busy: {capacity} requests are already waiting; retry later"))
-        }
-        SubmitError::PromptTooLong { prompt_tokens, max } => ApiError::bad_request(
-            "context_length_exceeded",
-            format!("the draft's prompt has {prompt_tokens} tokens, but the model's context holds {max}; shorten the ticket or the note"),
-        ),
-        SubmitError::Stopped => ApiError::not_ready("the server is shutting down"),
-        other => ApiError::internal(other),
+        decision,
+        gate,
     }
 }
 
-/// Text up to the end of its last complete sentence (and a citation marker right after it).
-fn complete_sentences(text: &str) -> &str {
-    // A sentence ends at `.`, `!` or `?` before a space, a closing quote or bracket, or the end
-    // (so `99.9%` and `e.g.x` do not end one).
-    let mut ends = text.char_indices().rev().filter(|&(i, c)| {
-        matches!(c, '.' | '!' | '?') && text[i + 1..].chars().next().is_none_or(|n| n.is_whitespace() || matches!(n, '"' | '\'' | ')'))
-    });
-    let Some((end, _)) = ends.next() else { return "" };
-    let mut end = end + 1;
-    let rest = &text[end..];
-    let trimmed = rest.trim_start();
-    if trimmed.starts_with('[') {
-        if let Some(close) = trimmed.find(']') {
-            if trimmed[1..close].chars().all(|c| c.is_ascii_digit() || c == ',' || c == ' ') {
-                end += rest.len() - trimmed.len() + close + 1;
-            }
-        }
-    }
-    &text[..end]
-}
-
-/// The model's paragraph as it goes into the draft (empty when left out) and the report on it.
-fn model_paragraph(out: &Generated, given: &[Passage], policy: &ActivePolicy) -> (String, Value) {
-    let reason = match out.reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::ContentFilter => "content_filter",
-    };
-    let mut filter = CitationFilter::new(given.len());
-    let mut text = filter.push(&out.text);
-    text.push_str(&filter.finish());
-    let refused = text.trim() == policy.pack.messages.refusal.trim();
-    // Whole sentences only: a paragraph cut by the token limit, or one that stops on a colon, is
-    // trimmed to its last complete sentence.
-    let mut kept = complete_sentences(text.trim()).to_string();
-    let words = kept.split_whitespace().filter(|w| w.chars().any(char::is_alphabetic)).count();
-    let (support, each) = prompt::support(&kept, given);
-    let verdict = if refused {
-        "refusal_branch"
-    } else if words < MIN_DRAFT_WORDS {
-        "too_short"
-    } else if support < MIN_DRAFT_SUPPORT {
-        "unsupported"
-    } else {
-        "kept"
-    };
-    if verdict != "kept" {
-        kept.clear();
-    } else if filter.cited().is_empty() {
-        // Markers by attribution, as chat does when the model wrote none.
-        for n in prompt::attribute(&each) {
-            kept.push_str(&format!(" [{n}]"));
-        }
-    }
-    let report = json!({
-        "used": true,
-        "verdict": verdict,
-        "finish_reason": reason,
-        "tokens": out.tokens,
-        "support": support,
-        "min_support": MIN_DRAFT_SUPPORT,
-        "invalid_citations": filter.invalid(),
-    });
-    (kept, report)
+/// Adds `offset` to every citation marker's numbers.
+fn renumber(text: &str, offset: usize) -> String {
+    let re = Regex::new(r"\[(\d+(?:,\s*\d+)*)\]").expect("a valid pattern");
+    re.replace_all(text, |c: &regex::Captures| {
+        let nums: Vec<String> = c[1].split(',').filter_map(|n| n.trim().parse::<usize>().ok()).map(|n| (n + offset).to_string()).collect();
+        format!("[{}]", nums.join(", "))
+    })
+    .into_owned()
 }
 
 /// The reply's outline, built from the case and the passages: greet and acknowledge, what the docs
@@ -903,14 +671,17 @@ fn outline(case: &Case, history: &Value, plan: &DraftPlan, citations: &[Citation
     if let Some((rule, _)) = &plan.out_of_scope {
         out.push(format!("Out of scope (`{rule}`): the help center gives no advice on this; the draft says so"));
     }
+    if let Some((rule, _)) = &plan.decision {
+        out.push(format!("Decision (`{rule}`): the customer asks for a decision on their own case; the rule is quoted, the decision is yours (or the owning team's)"));
+    }
     if citations.is_empty() {
         out.push("The help center does not cover this question: do not improvise a policy answer".into());
         out.push("Escalate: pass the case to the team that owns this area (or a lead), and tell the customer who will follow up".into());
     } else {
         for c in citations {
-            let Some(p) = plan.given.get(c.index - 1) else { continue };
             let place = if c.section.is_empty() { c.title.clone() } else { format!("{} › {}", c.title, c.section) };
-            out.push(format!("What the docs say — {place} [{}]: {}", c.index, excerpt(&key_sentences(p, &plan.query_words), 160)));
+            let said = plan.quotes.get(&c.index).map(|q| q.join(" ")).unwrap_or_else(|| c.snippet.clone());
+            out.push(format!("What the docs say — {place} [{}]: {}", c.index, excerpt(&said, 160)));
         }
         let cited_before: Vec<&str> = history["docs_already_cited"]
             .as_array()
@@ -1586,37 +1357,6 @@ mod tests {
         let q = questions_in("Hi there. How do I reset my password? I tried twice.\nCan you also change my email");
         assert_eq!(q, ["How do I reset my password?", "Can you also change my email"]);
         assert!(questions_in("Thanks, that worked!").is_empty());
-    }
-
-    #[test]
-    fn key_sentences_quote_the_passage_verbatim() {
-        let p = Passage {
-            chunk_id: "refund-policy#1".into(),
-            doc_id: "refund-policy".into(),
-            title: "Refund policy".into(),
-            section: "Monthly plans".into(),
-            source: "billing/refund-policy.md".into(),
-            product_area: "billing".into(),
-            locale: "en".into(),
-            updated: "2026-01-01".into(),
-            text: "- You can get a full refund of your first paid charge if you ask within 14 days of that charge. This applies once per workspace.\n- After 14 days, charges are not refunded.".into(),
-            snippet: String::new(),
-            score: 1.0,
-            relevance: 0.9,
-        };
-        let q = content_words("Can I get a refund for my first charge?");
-        let out = key_sentences(&p, &q);
-        assert!(out.starts_with("You can get a full refund of your first paid charge"), "{out}");
-        assert!(p.text.contains(out.split(" After").next().unwrap()), "{out}");
-    }
-
-    #[test]
-    fn unfinished_sentences_are_cut() {
-        assert_eq!(complete_sentences("Reset it from the sign-in page. [1] Then you"), "Reset it from the sign-in page. [1]");
-        assert_eq!(complete_sentences("One. Two"), "One.");
-        assert_eq!(complete_sentences("no end"), "");
-        assert_eq!(complete_sentences("Uptime is 99.9% a month. It is"), "Uptime is 99.9% a month.");
-        assert_eq!(complete_sentences("The limits are:"), "");
     }
 
     #[test]

@@ -205,3 +205,26 @@ impl ApiError {
         self
     }
 }
+
+/// A turn's domain error, in the one error table.
+impl From<crate::turn::TurnError> for ApiError {
+    fn from(e: crate::turn::TurnError) -> Self {
+        use crate::turn::TurnError as T;
+        match e {
+            T::Invalid { field, message } => ApiError::invalid_field(&field, message),
+            T::BadRequest { code, message, param } => {
+                let mut err = ApiError::bad_request(code, message);
+                err.param = param;
+                err
+            }
+            T::QueueFull { capacity } => ApiError::too_many_requests(
+                super::openai::QUEUE_FULL_RETRY_AFTER_SECS,
+                format!("the server is busy: {capacity} requests are already waiting; retry later"),
+            ),
+            T::Unavailable { code: "not_ready", message } => ApiError::not_ready(message),
+            T::Unavailable { code, message } => ApiError::unavailable(code, message),
+            T::Store(s) => ApiError::store(s),
+            T::Internal(m) => ApiError::internal(m),
+        }
+    }
+}

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::dto::{ErrorResponse, ListObject, RetrieveRequest, RetrieveResponse};
 use super::error::{ApiError, ApiJson};
-use super::grounding::{passage_out, retrieval_error};
+use crate::turn::passage_out;
 use super::SharedState;
 use crate::retrieval::{self, build_index, IndexOptions, KnowledgeBase, RetrievalError};
 
@@ -142,8 +142,9 @@ pub async fn reindex(state: &SharedState) -> Result<ReloadResponse, ApiError> {
     let st = state.clone();
     let result = tokio::task::spawn_blocking(move || -> Result<ReloadResponse, ApiError> {
         let g = &st.config.grounding;
+        let embedder = st.embedder()?;
         let before = st.knowledge().ok().map(|kb| kb.version());
-        let report = build_index(&IndexOptions { docs_dir: g.docs_dir.clone(), index_dir: g.index_dir.clone() }).map_err(|e| match e {
+        let report = build_index(&IndexOptions { docs_dir: g.docs_dir.clone(), index_dir: g.index_dir.clone(), embedder: embedder.clone() }).map_err(|e| match e {
             RetrievalError::Locked { .. } => ApiError::conflict("index_locked", e.to_string()),
             RetrievalError::DocsDir { .. } => ApiError::unavailable("docs_unreadable", e.to_string()),
             other => ApiError::internal(other),
@@ -153,7 +154,7 @@ pub async fn reindex(state: &SharedState) -> Result<ReloadResponse, ApiError> {
                 kb.reload().map_err(ApiError::internal)?;
                 kb
             }
-            Err(_) => KnowledgeBase::open(&g.index_dir).map_err(retrieval_error)?,
+            Err(_) => KnowledgeBase::open(&g.index_dir, embedder.clone()).map_err(retrieval_error)?,
         };
         st.set_knowledge(kb.clone());
         let status = status_of(&kb, &st);
@@ -165,4 +166,11 @@ pub async fn reindex(state: &SharedState) -> Result<ReloadResponse, ApiError> {
     .map_err(ApiError::internal)?;
     state.metrics.index_reload(if result.is_ok() { "ok" } else { "failed" });
     result
+}
+
+pub fn retrieval_error(e: RetrievalError) -> ApiError {
+    match e {
+        RetrievalError::NoIndex { .. } => ApiError::unavailable("no_index", e.to_string()),
+        other => ApiError::internal(other),
+    }
 }

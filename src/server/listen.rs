@@ -188,6 +188,10 @@ fn load_model(state: &AppState) -> Result<(), String> {
     let policy = ActivePolicy::load(&cfg.grounding.policy_file).map_err(|e| format!("{e}; fix the pack or point --policy-file at a valid one"))?;
     eprintln!("helpline: policy pack {} ({}) in force", policy.pack.version, cfg.grounding.policy_file.display());
     state.set_policy(policy);
+    if state.embedder().is_err() {
+        let embedder = fetch::load_embedder(&mut |msg| eprintln!("{msg}")).map_err(|e| format!("cannot load the sentence-embedding model: {e}"))?;
+        state.set_embedder(Arc::new(embedder));
+    }
     open_knowledge(state)?;
     let start = Instant::now();
     let path = fetch::resolve_model_arg(cfg.model.as_deref(), &HubConfig::from_env(), &mut |msg| eprintln!("{msg}"))
@@ -219,12 +223,13 @@ fn load_model(state: &AppState) -> Result<(), String> {
 fn open_knowledge(state: &AppState) -> Result<(), String> {
     let g = &state.config.grounding;
     let result = (|| {
+        let embedder = state.embedder().map_err(|e| e.message)?;
         if g.auto_index {
-            let report = build_index(&IndexOptions { docs_dir: g.docs_dir.clone(), index_dir: g.index_dir.clone() })
+            let report = build_index(&IndexOptions { docs_dir: g.docs_dir.clone(), index_dir: g.index_dir.clone(), embedder: embedder.clone() })
                 .map_err(|e| format!("cannot index {}: {e}", g.docs_dir.display()))?;
             eprintln!("helpline: index {}: {}", g.index_dir.display(), report.to_string().trim_end());
         }
-        KnowledgeBase::open(&g.index_dir).map_err(|e| format!("cannot open the search index: {e}"))
+        KnowledgeBase::open(&g.index_dir, embedder).map_err(|e| format!("cannot open the search index: {e}"))
     })();
     match result {
         Ok(kb) => {

@@ -41,6 +41,12 @@ pub struct Metrics {
     feedback: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Time the chat handler spent writing a turn to the store (the latency storing adds).
     store_writes: Histogram,
+    /// Time embedding a question took.
+    embeddings: Histogram,
+    /// Generated sentences by what the sentence check did (`kept`, `replaced`, `dropped`).
+    sentences: Mutex<BTreeMap<&'static str, u64>>,
+    /// Chat answers by how they were made (`assembled`, `generative`, `quote`, `model`, `fixed`).
+    answer_modes: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
@@ -62,6 +68,9 @@ impl Default for Metrics {
             resolutions: AtomicU64::new(0),
             feedback: Mutex::new(BTreeMap::new()),
             store_writes: Histogram::new(STORE_BUCKETS),
+            embeddings: Histogram::new(RETRIEVAL_BUCKETS),
+            sentences: Mutex::new(BTreeMap::new()),
+            answer_modes: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -264,7 +273,57 @@ impl Metrics {
             }
         }
         self.store_writes.render(&mut out, "helpline_store_write_seconds", "Time a chat turn spent writing to the conversation store.");
+        self.embeddings.render(&mut out, "helpline_embedding_seconds", "Time to embed one question (sentence-embedding model).");
+        labelled(&mut out, "helpline_checked_sentences_total", "Generated sentences by what the sentence check did (kept, replaced, dropped).", "outcome", &self.sentences);
+        labelled(&mut out, "helpline_answer_modes_total", "Chat answers by how they were made (assembled, generative, quote, model, fixed).", "mode", &self.answer_modes);
         out
+    }
+}
+
+/// The chat turn reports here.
+impl crate::turn::Observer for Metrics {
+    fn grounding(&self, status: &'static str) {
+        Metrics::grounding(self, status);
+    }
+    fn retrieval(&self, secs: f64) {
+        self.observe_retrieval(secs);
+    }
+    fn embedding(&self, secs: f64) {
+        self.embeddings.observe(secs);
+    }
+    fn guard_rule(&self, rule: &str, action: &'static str) {
+        Metrics::guard_rule(self, rule, action);
+    }
+    fn handoff(&self, reason: &str) {
+        Metrics::handoff(self, reason);
+    }
+    fn prompt_tokens(&self, n: u64) {
+        self.add_prompt_tokens(n);
+    }
+    fn token(&self, first: bool, secs: f64) {
+        if first {
+            self.observe_ttft(secs);
+        } else {
+            self.observe_itl(secs);
+        }
+        self.add_generated_tokens(1);
+    }
+    fn invalid_citations(&self, n: u64) {
+        self.add_invalid_citations(n);
+    }
+    fn store_write(&self, secs: f64) {
+        self.observe_store_write(secs);
+    }
+    fn rejection(&self, reason: &'static str) {
+        Metrics::rejection(self, reason);
+    }
+    fn sentence(&self, outcome: &'static str) {
+        let mut map = self.sentences.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(outcome).or_insert(0) += 1;
+    }
+    fn answer_mode(&self, mode: &'static str) {
+        let mut map = self.answer_modes.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(mode).or_insert(0) += 1;
     }
 }
 

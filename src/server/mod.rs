@@ -7,7 +7,6 @@ pub mod agent_page;
 pub mod assist;
 pub mod auth;
 pub mod conversations;
-pub mod grounding;
 pub mod knowledge;
 pub mod dto;
 pub mod error;
@@ -17,7 +16,6 @@ pub mod middleware;
 pub mod openai;
 pub mod openapi;
 pub mod policy;
-pub mod record;
 pub mod ops;
 pub mod sse;
 pub mod validate;
@@ -29,26 +27,18 @@ use std::time::Instant;
 use axum::Router;
 
 use crate::config::ServeConfig;
-use crate::engine::{Engine, ModelBundle};
-use crate::guard::grammar::GuardCompiler;
 use crate::guard::ActivePolicy;
 use crate::retrieval::KnowledgeBase;
 pub use error::{ApiError, ApiJson};
 pub use metrics::Metrics;
 
-/// What exists once the model has loaded.
-pub struct Loaded {
-    pub bundle: ModelBundle,
-    pub engine: Engine,
-    /// Compiles output constraints for the model's tokenizer (built once: it walks the vocabulary).
-    pub guard: Arc<GuardCompiler>,
-}
+pub use crate::engine::Loaded;
 
 pub struct AppState {
     pub config: ServeConfig,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub started: Instant,
-    loaded: OnceLock<Loaded>,
+    loaded: OnceLock<Arc<Loaded>>,
     /// The search index, once one is open. Replaced only by the reload route (a reader inside it
     /// also follows commits made by `helpline index`).
     knowledge: RwLock<Option<KnowledgeBase>>,
@@ -62,6 +52,8 @@ pub struct AppState {
     webhook: OnceLock<crate::webhook::Webhook>,
     /// sha256 of the model file and of the tokenizer's vocabulary (for audit records), computed on first use.
     fingerprints: OnceLock<Fingerprints>,
+    /// The sentence-embedding model (indexing, retrieval, evidence selection).
+    embedder: OnceLock<Arc<crate::embed::Embedder>>,
 }
 
 /// What identifies the model an answer came from (audit records, replay).
@@ -78,7 +70,7 @@ impl AppState {
     pub fn new(config: ServeConfig) -> Arc<Self> {
         Arc::new(AppState {
             config,
-            metrics: Metrics::default(),
+            metrics: Arc::new(Metrics::default()),
             started: Instant::now(),
             loaded: OnceLock::new(),
             knowledge: RwLock::new(None),
@@ -87,7 +79,18 @@ impl AppState {
             store: OnceLock::new(),
             webhook: OnceLock::new(),
             fingerprints: OnceLock::new(),
+            embedder: OnceLock::new(),
         })
+    }
+
+    /// Makes the sentence-embedding model available (once).
+    pub fn set_embedder(&self, embedder: Arc<crate::embed::Embedder>) {
+        let _ = self.embedder.set(embedder);
+    }
+
+    /// The sentence-embedding model, or 503 while it is not loaded.
+    pub fn embedder(&self) -> Result<Arc<crate::embed::Embedder>, ApiError> {
+        self.embedder.get().cloned().ok_or_else(|| ApiError::not_ready("the sentence-embedding model is not loaded"))
     }
 
     /// Makes the conversation store available (once).
@@ -136,12 +139,47 @@ impl AppState {
 
     /// Makes the model available to handlers; `/ready` turns 200 after this.
     pub fn set_loaded(&self, loaded: Loaded) {
-        let _ = self.loaded.set(loaded);
+        let _ = self.loaded.set(Arc::new(loaded));
     }
 
     /// The model and engine, or 503 while they are still loading.
     pub fn loaded(&self) -> Result<&Loaded, ApiError> {
-        self.loaded.get().ok_or_else(|| ApiError::not_ready("the model is still loading"))
+        self.loaded.get().map(|l| l.as_ref()).ok_or_else(|| ApiError::not_ready("the model is still loading"))
+    }
+
+    /// What a chat turn depends on, from the state in force now (the policy and index of this
+    /// moment; a reload afterwards does not change a turn in flight).
+    pub fn turn_deps(&self) -> Result<crate::turn::Deps, ApiError> {
+        let model = self.loaded.get().cloned().ok_or_else(|| ApiError::not_ready("the model is still loading"))?;
+        let fp = self.fingerprints()?;
+        let g = &self.config.grounding;
+        let identity = crate::turn::Identity {
+            model_id: self.config.model_id.clone(),
+            model_file: model.bundle.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            model_sha256: fp.model_sha256,
+            tokenizer_sha256: fp.tokenizer_sha256,
+            template_sha256: fp.template_sha256,
+            embedder_sha256: self.embedder.get().map(|e| e.fingerprint().to_string()),
+        };
+        let settings = crate::turn::Settings {
+            passages: g.passages,
+            min_relevance: g.min_relevance,
+            passage_tokens: g.passage_tokens,
+            history_tokens: g.history_tokens,
+            refusal_message: g.refusal_message.clone(),
+            handoff_message: g.handoff_message.clone(),
+            max_prompt_tokens: self.config.max_prompt_tokens,
+        };
+        Ok(crate::turn::Deps {
+            policy: self.policy()?,
+            knowledge: self.knowledge.read().unwrap_or_else(|e| e.into_inner()).clone(),
+            model,
+            store: self.store.get().cloned(),
+            webhook: self.webhook.get().cloned(),
+            settings: Arc::new(settings),
+            observer: self.metrics.clone(),
+            identity: Arc::new(identity),
+        })
     }
 
     /// Makes a knowledge base available (or replaces it).

@@ -22,8 +22,6 @@ use super::dto::{
     ModelObject, TokenizeRequest, TokenizeResponse,
 };
 use super::error::{ApiError, ApiJson};
-use super::grounding::{self, ChatPlan, GroundingCtx};
-use super::record::{self, Recorder};
 use super::sse::{self, Flavor, Meta, Tracker};
 use super::validate::{self, ValidGeneration};
 use super::SharedState;
@@ -82,27 +80,22 @@ pub async fn replay(State(state): State<SharedState>, Path(id): Path<String>) ->
         h.customer = None;
     }
     let st = state.clone();
-    let plan = blocking(move || {
-        let chat = validate::chat(&req, &st.config, st.loaded()?)?;
-        grounding::plan(&st, chat)
-    })
-    .await?;
-    let replayed = match plan {
-        ChatPlan::Generate { valid, grounding } => complete(&state, valid, Some(&grounding)).await?.text,
-        ChatPlan::Refuse { text, .. } => text,
-    };
-    let st = state.clone();
-    let fp = blocking(move || st.fingerprints()).await?;
+    let mut chat = blocking(move || validate::chat(&req, &st.config, st.loaded()?)).await?;
+    // Nothing is stored: the replayed answer is only compared.
+    chat.turn.conversation = None;
+    let deps = state.turn_deps()?;
+    let replayed = crate::turn::run(&deps, chat.turn).await?.collect().await?.text;
     let index = state.knowledge().ok().map(|k| k.version());
     let policy = state.policy().ok().map(|p| p.pack.version.clone());
+    let id_ = &deps.identity;
     Ok(axum::Json(json!({
         "answer_id": id,
         "identical": replayed == turn.content,
         "original": turn.content,
         "replayed": replayed,
-        "same_model": audit["model"]["sha256"] == json!(fp.model_sha256)
-            && audit["tokenizer_sha256"] == json!(fp.tokenizer_sha256)
-            && audit["template_sha256"] == json!(fp.template_sha256),
+        "same_model": audit["model"]["sha256"] == json!(id_.model_sha256)
+            && audit["tokenizer_sha256"] == json!(id_.tokenizer_sha256)
+            && audit["template_sha256"] == json!(id_.template_sha256),
         "same_index": audit["index_version"].is_null() || audit["index_version"] == json!(index),
         "same_policy": audit["policy_version"] == json!(policy),
     })))
@@ -144,101 +137,46 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.loaded()?;
-    let request = serde_json::to_value(&req).unwrap_or_default();
     let st = state.clone();
-    let (plan, conv, message) = blocking(move || {
+    let chat = blocking(move || {
         let chat = validate::chat(&req, &st.config, st.loaded()?)?;
-        let conv = chat.conversation.clone();
-        let message = chat.messages.last().map(|m| m.content.clone()).unwrap_or_default();
         // Audit records name the model by its hash: computed once, here on a blocking thread.
         st.fingerprints()?;
-        Ok((grounding::plan(&st, chat)?, conv, message))
+        Ok(chat)
     })
     .await?;
-    // The customer's turn is durable before anything is generated.
-    let mut rec = Recorder::begin(&state, &conv, &message).await?;
-    let plan = if rec.handed_off() { handed_off_plan(&state, plan)? } else { plan };
-    match plan {
-        ChatPlan::Generate { valid, grounding } => {
-            rec.set_audit(record::audit(&state, request, Some(&valid), &grounding)?);
-            generate(state, valid, Flavor::Chat, Some(grounding), Some(rec)).await
-        }
-        ChatPlan::Refuse { text, mut grounding, stream, include_usage, finish } => {
-            rec.set_audit(record::audit(&state, request, None, &grounding)?);
-            let handoff = grounding.guard.as_ref().is_some_and(|g| g.action == super::dto::GuardAction::Handoff);
-            let outcome = if handoff {
-                "handoff"
-            } else if finish == super::dto::FinishReason::ContentFilter {
-                "content_filter"
-            } else {
-                "refused"
-            };
-            let mut meta = Meta {
-                id: new_id(Flavor::Chat.id_prefix()),
-                created: unix_now(),
-                model: state.config.model_id.clone(),
-                system_fingerprint: sse::system_fingerprint(),
-                flavor: Flavor::Chat,
-                prompt_tokens: 0,
-                include_usage,
-                grounding: None,
-                fixed: true,
-                conversation_id: Some(rec.conversation.id.clone()),
-                answer_id: Some(rec.answer_id.clone()),
-            };
-            meta.grounding = Some(grounding.clone());
-            let info = meta.helpline(&Default::default(), None);
-            rec.finish(&text, outcome, sse::detail(&info, finish, super::dto::Usage::new(0, 0))).await?;
-            if handoff && !rec.handed_off() {
-                // The conversation goes to a person: the summary, the status, the webhook.
-                let reason = grounding.handoff.as_ref().map(|h| h.reason.clone()).unwrap_or_else(|| "policy".into());
-                let (_, summary) = super::conversations::hand_off(&state, &rec.conversation.id, &reason, "policy").await?;
-                if let Some(h) = grounding.handoff.as_mut() {
-                    h.summary = Some(summary);
-                }
-                meta.grounding = Some(grounding);
-            }
-            let ids = (rec.conversation.id.clone(), rec.answer_id.clone());
-            let mut resp = if stream {
-                sse::fixed_answer(meta, text, finish, state.config.keep_alive)
-            } else {
-                meta.whole(text, finish, 0, &Default::default(), None)
-            };
-            with_ids(&mut resp, &ids);
-            resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            Ok(resp)
-        }
-    }
-}
-
-/// A conversation a person has taken: the bot does not answer; the customer is told their message
-/// reached the team (the pack's handoff text).
-fn handed_off_plan(state: &SharedState, plan: ChatPlan) -> Result<ChatPlan, ApiError> {
-    let policy = state.policy()?;
-    let text = policy.pack.messages.handoff.clone();
-    let (mut grounding, stream, include_usage) = match plan {
-        ChatPlan::Generate { valid, grounding } => (grounding, valid.stream, valid.include_usage),
-        ChatPlan::Refuse { grounding, stream, include_usage, .. } => (grounding, stream, include_usage),
+    let deps = state.turn_deps()?;
+    let answer = crate::turn::run(&deps, chat.turn).await?;
+    let meta = Meta {
+        id: new_id(Flavor::Chat.id_prefix()),
+        created: unix_now(),
+        model: state.config.model_id.clone(),
+        system_fingerprint: sse::system_fingerprint(),
+        flavor: Flavor::Chat,
+        prompt_tokens: answer.prompt_tokens,
+        include_usage: chat.include_usage,
     };
-    grounding.handoff = Some(super::dto::HandoffInfo { offered: true, reason: "handed_off".into(), message: text.clone(), summary: None });
-    grounding.guard = Some(super::dto::GuardInfo {
-        policy_version: policy.pack.version.clone(),
-        action: super::dto::GuardAction::Handoff,
-        rules: Vec::new(),
-        reason: Some("handed_off".into()),
-        grammar_hash: None,
-        constrained_by: Vec::new(),
-        quote_mode: false,
-        structure: None,
-    });
-    Ok(ChatPlan::Refuse { text, grounding, stream, include_usage, finish: super::dto::FinishReason::Stop })
+    let ids = (answer.conversation_id.clone(), answer.answer_id.clone());
+    let mut resp = if chat.stream {
+        let mut r = sse::chat_stream(answer, meta, state.config.keep_alive);
+        // Ask reverse proxies not to buffer the stream.
+        r.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+        r
+    } else {
+        let finished = answer.collect().await?;
+        let mut r = meta.chat_whole(finished);
+        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    };
+    with_ids(&mut resp, &ids);
+    Ok(resp)
 }
 
-fn with_ids(resp: &mut Response, (conversation, answer): &(String, String)) {
-    if let Ok(v) = HeaderValue::from_str(conversation) {
+fn with_ids(resp: &mut Response, (conversation, answer): &(Option<String>, Option<String>)) {
+    if let Some(v) = conversation.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
         resp.headers_mut().insert("x-helpline-conversation-id", v);
     }
-    if let Ok(v) = HeaderValue::from_str(answer) {
+    if let Some(v) = answer.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
         resp.headers_mut().insert("x-helpline-answer-id", v);
     }
 }
@@ -274,7 +212,7 @@ pub async fn completions(State(state): State<SharedState>, ApiJson(req): ApiJson
     state.loaded()?;
     let st = state.clone();
     let valid = blocking(move || validate::completion(&req, &st.config, st.loaded()?)).await?;
-    generate(state, valid, Flavor::Text, None, None).await
+    generate_text(state, valid).await
 }
 
 /// List models: the one model this server serves.
@@ -404,27 +342,28 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}{suffix}")
 }
 
-/// A finished, non-streamed generation.
-pub struct Completed {
-    /// The answer as the client gets it (filtered markers, attribution suffix).
-    pub text: String,
-    pub reason: super::dto::FinishReason,
-    pub tokens: usize,
-    pub timings: crate::engine::Timings,
-    pub closing: Option<grounding::Closing>,
-}
-
-/// Runs a validated request to its end without answering anyone (the non-streamed answer, and
-/// replay).
-pub async fn complete(state: &SharedState, valid: ValidGeneration, grounding: Option<&GroundingCtx>) -> Result<Completed, ApiError> {
+/// Runs a text completion: streamed, or collected into one JSON answer.
+async fn generate_text(state: SharedState, valid: ValidGeneration) -> Result<Response, ApiError> {
     let loaded = state.loaded()?;
-    let prompt_tokens = valid.job.prompt.len();
+    let meta = Meta {
+        id: new_id(Flavor::Text.id_prefix()),
+        created: unix_now(),
+        model: state.config.model_id.clone(),
+        system_fingerprint: sse::system_fingerprint(),
+        flavor: Flavor::Text,
+        prompt_tokens: valid.job.prompt.len(),
+        include_usage: valid.include_usage,
+    };
     let submitted = Instant::now();
-    let mut rx = loaded.engine.submit(valid.job).map_err(|e| submit_error(state, e))?;
-    state.metrics.add_prompt_tokens(prompt_tokens as u64);
+    let mut rx = loaded.engine.submit(valid.job).map_err(|e| submit_error(&state, e))?;
+    state.metrics.add_prompt_tokens(meta.prompt_tokens as u64);
     let mut tracker = Tracker::new(state.clone(), submitted);
+    if valid.stream {
+        let mut resp = sse::text_stream(rx, meta, tracker, state.config.keep_alive);
+        resp.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return Ok(resp);
+    }
     let mut text = String::new();
-    let mut citations = grounding.and_then(GroundingCtx::citation_filter);
     loop {
         match rx.recv().await {
             Some(Event::Token { text: t, .. }) => {
@@ -433,87 +372,14 @@ pub async fn complete(state: &SharedState, valid: ValidGeneration, grounding: Op
             }
             Some(Event::Done { reason, text: t, timings }) => {
                 text.push_str(&t);
-                if let Some(f) = citations.as_mut() {
-                    let mut filtered = f.push(&text);
-                    filtered.push_str(&f.finish());
-                    text = filtered;
-                    tracker.on_citations(f);
-                }
-                let closing = grounding.map(|g| g.close(citations.as_ref(), &text));
-                let mut reason: super::dto::FinishReason = reason.into();
-                if let Some(c) = &closing {
-                    text.push_str(&c.suffix);
-                    if c.refused {
-                        // The model took the policy grammar's refusal branch.
-                        reason = super::dto::FinishReason::ContentFilter;
-                    }
-                }
-                return Ok(Completed { text, reason, tokens: tracker.tokens(), timings, closing });
+                let mut resp = meta.text_whole(text, reason.into(), tracker.tokens(), &timings);
+                resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                return Ok(resp);
             }
             Some(Event::Error(e)) => return Err(ApiError::internal(format!("generation failed: {e}"))),
             None => return Err(ApiError::internal("the engine dropped the request before it finished")),
         }
     }
-}
-
-/// Submits a validated request and answers it, as one JSON body or as an SSE stream. A chat turn's
-/// `recorder` gets the answer before the client is told it is complete.
-async fn generate(
-    state: SharedState,
-    valid: ValidGeneration,
-    flavor: Flavor,
-    grounding: Option<GroundingCtx>,
-    mut recorder: Option<Recorder>,
-) -> Result<Response, ApiError> {
-    let meta = Meta {
-        id: new_id(flavor.id_prefix()),
-        created: unix_now(),
-        model: state.config.model_id.clone(),
-        system_fingerprint: sse::system_fingerprint(),
-        flavor,
-        prompt_tokens: valid.job.prompt.len(),
-        include_usage: valid.include_usage,
-        grounding,
-        fixed: false,
-        conversation_id: recorder.as_ref().map(|r| r.conversation.id.clone()),
-        answer_id: recorder.as_ref().map(|r| r.answer_id.clone()),
-    };
-    let ids = recorder.as_ref().map(|r| (r.conversation.id.clone(), r.answer_id.clone()));
-    if valid.stream {
-        let loaded = state.loaded()?;
-        let prompt_tokens = valid.job.prompt.len();
-        let submitted = Instant::now();
-        let rx = loaded.engine.submit(valid.job).map_err(|e| submit_error(&state, e))?;
-        state.metrics.add_prompt_tokens(prompt_tokens as u64);
-        let tracker = Tracker::new(state.clone(), submitted);
-        let mut resp = sse::stream(rx, meta, tracker, state.config.keep_alive, recorder);
-        // Ask reverse proxies not to buffer the stream.
-        resp.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
-        if let Some(ids) = &ids {
-            with_ids(&mut resp, ids);
-        }
-        return Ok(resp);
-    }
-    let done = match complete(&state, valid, meta.grounding.as_ref()).await {
-        Ok(d) => d,
-        Err(e) => {
-            if let Some(r) = recorder.as_mut() {
-                r.fail("generation failed").await;
-            }
-            return Err(e);
-        }
-    };
-    let info = meta.helpline(&done.timings, done.closing);
-    if let Some(r) = recorder.as_mut() {
-        let usage = super::dto::Usage::new(meta.prompt_tokens, done.tokens);
-        r.finish(&done.text, done.reason.as_str(), sse::detail(&info, done.reason, usage)).await?;
-    }
-    let mut resp = meta.respond(done.text, done.reason, done.tokens, info);
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Some(ids) = &ids {
-        with_ids(&mut resp, ids);
-    }
-    Ok(resp)
 }
 
 fn submit_error(state: &SharedState, e: SubmitError) -> ApiError {

@@ -1,6 +1,8 @@
-//! Shaping engine events into OpenAI answers: one JSON body, or a server-sent-event stream
-//! (`chat.completion.chunk` / `text_completion` events, then `data: [DONE]`), plus the
-//! per-request latency metrics.
+//! Shaping answers into OpenAI responses: one JSON body, or a server-sent-event stream
+//! (`chat.completion.chunk` / `text_completion` events, then `data: [DONE]`).
+//!
+//! Chat answers come from the turn ([`crate::turn::Answer`]) already checked and recorded; this
+//! module only formats them. Text completions come straight from the engine.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -9,20 +11,18 @@ use std::time::{Duration, Instant};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::dto::{
     AssistantMessage, AssistantRole, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionChunkObject,
-    ChatCompletionObject, ChatDelta, ErrorDetail, ErrorResponse, FinishReason, GroundingStatus, HelplineInfo, TextChoice, TextCompletion,
-    TextCompletionObject, TimingsOut, Usage,
+    ChatCompletionObject, ChatDelta, ErrorDetail, ErrorResponse, FinishReason, HelplineInfo, TextChoice, TextCompletion, TextCompletionObject,
+    TimingsOut, Usage,
 };
-use super::grounding::{Closing, GroundingCtx};
-use super::record::Recorder;
 use super::SharedState;
 use crate::engine::{Event, Timings};
-use crate::prompt::CitationFilter;
+use crate::turn::{Answer, Finished, TurnEvent};
 
 /// Which OpenAI endpoint the answer is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,110 +56,42 @@ pub struct Meta {
     pub flavor: Flavor,
     pub prompt_tokens: usize,
     pub include_usage: bool,
-    /// Chat answers: how the answer is grounded (reported in the final chunk).
-    pub grounding: Option<GroundingCtx>,
-    /// The answer is a fixed text (a refusal or handoff), not the model's.
-    pub fixed: bool,
-    /// Chat answers: the stored conversation and answer.
-    pub conversation_id: Option<String>,
-    pub answer_id: Option<String>,
 }
 
 impl Meta {
-    /// The non-streaming answer.
-    pub fn whole(
-        &self,
-        text: String,
-        reason: FinishReason,
-        completion_tokens: usize,
-        timings: &Timings,
-        closing: Option<Closing>,
-    ) -> Response {
-        let helpline = self.helpline(timings, closing);
-        self.respond(text, reason, completion_tokens, helpline)
-    }
-
-    /// The non-streaming answer with its `helpline` object already made.
-    pub fn respond(&self, text: String, reason: FinishReason, completion_tokens: usize, helpline: HelplineInfo) -> Response {
-        let usage = Usage::new(self.prompt_tokens, completion_tokens);
-        let message = match self.structured_refusal(reason, &text) {
-            Some(refusal) => AssistantMessage { role: AssistantRole::Assistant, content: None, refusal: Some(refusal) },
-            None => AssistantMessage {
-                role: AssistantRole::Assistant,
-                refusal: (reason == FinishReason::ContentFilter).then(|| text.clone()),
-                content: Some(text.clone()),
-            },
+    /// The non-streamed chat answer.
+    pub fn chat_whole(&self, f: Finished) -> Response {
+        let message = AssistantMessage {
+            role: AssistantRole::Assistant,
+            content: (!f.content_null).then(|| f.text.clone()),
+            refusal: f.refusal.clone(),
         };
-        match self.flavor {
-            Flavor::Chat => Json(ChatCompletion {
-                id: self.id.clone(),
-                object: ChatCompletionObject::ChatCompletion,
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message,
-                    logprobs: None,
-                    finish_reason: reason,
-                }],
-                usage,
-                system_fingerprint: self.system_fingerprint.clone(),
-                helpline,
-            })
-            .into_response(),
-            Flavor::Text => Json(TextCompletion {
-                id: self.id.clone(),
-                object: TextCompletionObject::TextCompletion,
-                created: self.created,
-                model: self.model.clone(),
-                system_fingerprint: self.system_fingerprint.clone(),
-                choices: vec![TextChoice { text, index: 0, logprobs: None, finish_reason: Some(reason) }],
-                usage: Some(Some(usage)),
-                helpline: Some(helpline),
-            })
-            .into_response(),
-        }
+        Json(ChatCompletion {
+            id: self.id.clone(),
+            object: ChatCompletionObject::ChatCompletion,
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChatChoice { index: 0, message, logprobs: None, finish_reason: f.reason }],
+            usage: f.usage,
+            system_fingerprint: self.system_fingerprint.clone(),
+            helpline: f.info,
+        })
+        .into_response()
     }
 
-    /// The `helpline` object of the answer's last chunk (or of the whole answer).
-    pub fn helpline(&self, timings: &Timings, closing: Option<Closing>) -> HelplineInfo {
-        let timings = TimingsOut::from(timings);
-        let (conversation_id, answer_id) = (self.conversation_id.clone(), self.answer_id.clone());
-        match &self.grounding {
-            None => HelplineInfo { timings, grounding: None, citations: None, handoff: None, guard: None, conversation_id, answer_id },
-            Some(g) => {
-                let closing = closing.unwrap_or_else(|| g.close(None, ""));
-                let grounding = (closing.info.status != GroundingStatus::Skipped).then_some(closing.info);
-                HelplineInfo {
-                    timings,
-                    grounding,
-                    citations: closing.citations,
-                    handoff: g.handoff.clone(),
-                    guard: closing.guard,
-                    conversation_id,
-                    answer_id,
-                }
-            }
-        }
-    }
-
-    /// For a structured output the bot did not give (a fixed refusal or handoff, or the constraints
-    /// reaching a dead end): the text for `refusal`, with `content` left null so that `content`,
-    /// when present, always parses.
-    fn structured_refusal(&self, reason: FinishReason, text: &str) -> Option<String> {
-        let g = self.grounding.as_ref().filter(|g| g.structured)?;
-        if self.fixed {
-            Some(text.to_string())
-        } else if reason == FinishReason::ContentFilter {
-            Some(g.refusal_text.clone().unwrap_or_default())
-        } else {
-            None
-        }
-    }
-
-    /// Ends a grounded answer: its closing report (see [`GroundingCtx::close`]).
-    pub fn close(&self, filter: Option<&CitationFilter>, answer: &str) -> Option<Closing> {
-        self.grounding.as_ref().map(|g| g.close(filter, answer))
+    /// The non-streamed text completion.
+    pub fn text_whole(&self, text: String, reason: FinishReason, completion_tokens: usize, timings: &Timings) -> Response {
+        Json(TextCompletion {
+            id: self.id.clone(),
+            object: TextCompletionObject::TextCompletion,
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.system_fingerprint.clone(),
+            choices: vec![TextChoice { text, index: 0, logprobs: None, finish_reason: Some(reason) }],
+            usage: Some(Some(Usage::new(self.prompt_tokens, completion_tokens))),
+            helpline: Some(plain_info(timings)),
+        })
+        .into_response()
     }
 
     /// `usage` of a streamed chunk: absent unless asked for, then null until the usage chunk.
@@ -214,10 +146,6 @@ impl Meta {
         }
     }
 
-    fn finish(&self, reason: FinishReason, timings: &Timings, closing: Option<Closing>) -> SseEvent {
-        self.finish_with(reason, self.helpline(timings, closing))
-    }
-
     fn finish_with(&self, reason: FinishReason, helpline: HelplineInfo) -> SseEvent {
         let helpline = Some(helpline);
         match self.flavor {
@@ -226,7 +154,7 @@ impl Meta {
         }
     }
 
-    /// The refusal text as its own delta (OpenAI's `delta.refusal`), after it was streamed as content.
+    /// The refusal text as its own delta (OpenAI's `delta.refusal`).
     fn refusal(&self, text: String) -> SseEvent {
         let delta = ChatDelta { role: None, content: None, refusal: Some(text) };
         json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None))
@@ -240,43 +168,9 @@ impl Meta {
     }
 }
 
-/// What the store keeps about an answer: the `helpline` object's fields, the finish reason and usage.
-pub fn detail(info: &HelplineInfo, reason: FinishReason, usage: Usage) -> serde_json::Value {
-    // Through text, so f32 scores keep the short form the client saw (to_value widens them).
-    let mut v: serde_json::Value = serde_json::to_string(info).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-    if let serde_json::Value::Object(m) = &mut v {
-        m.insert("finish_reason".into(), serde_json::json!(reason.as_str()));
-        m.insert("usage".into(), serde_json::to_value(usage).unwrap_or_default());
-    }
-    v
-}
-
-/// An answer that does not come from the model (the grounding refusal): the same events a generated
-/// answer has (role, content, final chunk with `helpline`, usage when asked, `[DONE]`).
-/// A `content_filter` answer carries its text in `delta.refusal` as well as in `delta.content`.
-pub fn fixed_answer(meta: Meta, text: String, finish: FinishReason, keep_alive: Duration) -> Response {
-    let timings = Timings::default();
-    let mut events: Vec<SseEvent> = meta.opening().into_iter().collect();
-    if let Some(refusal) = meta.structured_refusal(finish, &text) {
-        let delta = ChatDelta { role: None, content: None, refusal: Some(refusal) };
-        events.push(json_event(&meta.chat_chunk(vec![chat_choice(delta, None)], None, None)));
-    } else if finish == FinishReason::ContentFilter && meta.flavor == Flavor::Chat {
-        let delta = ChatDelta { role: None, content: Some(text.clone()), refusal: Some(text) };
-        events.push(json_event(&meta.chat_chunk(vec![chat_choice(delta, None)], None, None)));
-    } else {
-        events.push(meta.content(text));
-    }
-    events.push(meta.finish(finish, &timings, None));
-    if meta.include_usage {
-        events.push(meta.usage(Usage::new(meta.prompt_tokens, 0)));
-    }
-    events.push(SseEvent::default().data("[DONE]"));
-    let events = stream::iter(events.into_iter().map(Ok::<_, Infallible>));
-    if keep_alive.is_zero() {
-        Sse::new(events).into_response()
-    } else {
-        Sse::new(events).keep_alive(KeepAlive::new().interval(keep_alive)).into_response()
-    }
+/// The `helpline` object of an answer that is neither grounded nor guarded (text completions).
+pub fn plain_info(timings: &Timings) -> HelplineInfo {
+    HelplineInfo { timings: TimingsOut::from(timings), grounding: None, citations: None, handoff: None, guard: None, conversation_id: None, answer_id: None }
 }
 
 fn chat_choice(delta: ChatDelta, finish_reason: Option<FinishReason>) -> ChatChunkChoice {
@@ -292,7 +186,7 @@ fn json_event<T: Serialize>(value: &T) -> SseEvent {
     SseEvent::default().data(serde_json::to_string(value).unwrap_or_default())
 }
 
-/// The error event a stream ends with when generation fails after the headers went out.
+/// The error event a stream ends with when an answer fails after the headers went out.
 fn error_event() -> SseEvent {
     json_event(&ErrorResponse {
         error: ErrorDetail {
@@ -304,8 +198,61 @@ fn error_event() -> SseEvent {
     })
 }
 
-/// Per-request token metrics: time to first token (from submission, so queueing counts) and the
-/// gaps between consecutive tokens.
+fn sse_response<S>(events: S, keep_alive: Duration) -> Response
+where
+    S: Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+{
+    if keep_alive.is_zero() {
+        Sse::new(events).into_response()
+    } else {
+        Sse::new(events).keep_alive(KeepAlive::new().interval(keep_alive)).into_response()
+    }
+}
+
+/// A chat turn's answer as an SSE stream. The stream owns the answer: when the client goes away,
+/// hyper drops the body, the answer goes with it (the engine drops the sequence, the record is
+/// stored as `disconnected`).
+pub fn chat_stream(answer: Answer, meta: Meta, keep_alive: Duration) -> Response {
+    let pending: VecDeque<SseEvent> = meta.opening().into_iter().collect();
+    let state = (answer, meta, pending, false);
+    let events = stream::unfold(state, |(mut answer, meta, mut pending, mut done)| async move {
+        loop {
+            if let Some(ev) = pending.pop_front() {
+                return Some((Ok::<_, Infallible>(ev), (answer, meta, pending, done)));
+            }
+            if done {
+                return None;
+            }
+            match answer.events.next().await {
+                Some(TurnEvent::Text(t)) => pending.push_back(meta.content(t)),
+                Some(TurnEvent::Done(f)) => {
+                    if let Some(r) = &f.refusal {
+                        pending.push_back(meta.refusal(r.clone()));
+                    }
+                    pending.push_back(meta.finish_with(f.reason, f.info.clone()));
+                    if meta.include_usage {
+                        pending.push_back(meta.usage(f.usage));
+                    }
+                    pending.push_back(SseEvent::default().data("[DONE]"));
+                    done = true;
+                }
+                Some(TurnEvent::Failed(e)) => {
+                    tracing::error!(id = %meta.id, detail = %e, "the answer failed mid-stream");
+                    pending.push_back(error_event());
+                    done = true;
+                }
+                None => {
+                    pending.push_back(error_event());
+                    done = true;
+                }
+            }
+        }
+    });
+    sse_response(events, keep_alive)
+}
+
+/// Per-request token metrics of a text completion: time to first token (from submission, so
+/// queueing counts) and the gaps between consecutive tokens.
 pub struct Tracker {
     state: SharedState,
     submitted: Instant,
@@ -330,138 +277,52 @@ impl Tracker {
         self.tokens += 1;
     }
 
-    /// The answer is complete: counts the citation markers that were removed.
-    pub fn on_citations(&self, filter: &CitationFilter) {
-        self.state.metrics.add_invalid_citations(filter.invalid() as u64);
-    }
-
     /// Tokens generated so far (the answer's `completion_tokens`).
     pub fn tokens(&self) -> usize {
         self.tokens
     }
 }
 
-struct StreamState {
-    /// `None` once the answer is complete: the receiver is dropped as soon as it is no longer needed.
-    rx: Option<UnboundedReceiver<Event>>,
-    meta: Meta,
-    tracker: Tracker,
-    pending: VecDeque<SseEvent>,
-    /// Grounded answers: removes citation markers that name no given passage before they are sent.
-    citations: Option<CitationFilter>,
-    /// The text sent so far, for the closing report (support, attribution, the refusal branch).
-    answer: String,
-    /// Chat turns: the stored answer, completed before the final chunk goes out.
-    recorder: Option<Recorder>,
-}
-
-/// The SSE answer, with a keep-alive comment after every `keep_alive` without an event (zero: none).
-/// The stream owns `rx`; dropping the response body (client gone) drops it.
-pub fn stream(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker, keep_alive: Duration, recorder: Option<Recorder>) -> Response {
-    let events = events(rx, meta, tracker, recorder);
-    if keep_alive.is_zero() {
-        Sse::new(events).into_response()
-    } else {
-        Sse::new(events).keep_alive(KeepAlive::new().interval(keep_alive)).into_response()
-    }
-}
-
-fn events(
-    rx: UnboundedReceiver<Event>,
-    meta: Meta,
-    tracker: Tracker,
-    recorder: Option<Recorder>,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
-    let pending: VecDeque<SseEvent> = meta.opening().into_iter().collect();
-    let citations = meta.grounding.as_ref().and_then(GroundingCtx::citation_filter);
-    let state = StreamState { rx: Some(rx), meta, tracker, pending, citations, answer: String::new(), recorder };
-    stream::unfold(state, |mut s| async move {
+/// A text completion as an SSE stream, with a keep-alive comment after every `keep_alive` without
+/// an event (zero: none). The stream owns `rx`; dropping the response body (client gone) drops it.
+pub fn text_stream(rx: UnboundedReceiver<Event>, meta: Meta, tracker: Tracker, keep_alive: Duration) -> Response {
+    let state = (Some(rx), meta, tracker, VecDeque::<SseEvent>::new());
+    let events = stream::unfold(state, |(mut rx, meta, mut tracker, mut pending)| async move {
         loop {
-            if let Some(ev) = s.pending.pop_front() {
-                return Some((Ok(ev), s));
+            if let Some(ev) = pending.pop_front() {
+                return Some((Ok::<_, Infallible>(ev), (rx, meta, tracker, pending)));
             }
-            let rx = s.rx.as_mut()?;
-            match rx.recv().await {
+            let r = rx.as_mut()?;
+            match r.recv().await {
                 Some(Event::Token { text, .. }) => {
-                    s.tracker.on_token();
-                    let text = match s.citations.as_mut() {
-                        Some(f) => f.push(&text),
-                        None => text,
-                    };
-                    s.answer.push_str(&text);
-                    if let Some(r) = s.recorder.as_mut() {
-                        r.push(&text);
-                    }
+                    tracker.on_token();
                     if !text.is_empty() {
-                        s.pending.push_back(s.meta.content(text));
+                        pending.push_back(meta.content(text));
                     }
                 }
                 Some(Event::Done { reason, text, timings }) => {
-                    s.rx = None;
-                    let mut text = match s.citations.as_mut() {
-                        Some(f) => {
-                            let mut t = f.push(&text);
-                            t.push_str(&f.finish());
-                            s.tracker.on_citations(f);
-                            t
-                        }
-                        None => text,
-                    };
-                    s.answer.push_str(&text);
-                    let closing = s.meta.close(s.citations.as_ref(), &s.answer);
-                    let mut reason: FinishReason = reason.into();
-                    if let Some(c) = &closing {
-                        text.push_str(&c.suffix);
-                        if c.refused {
-                            // The model took the policy grammar's refusal branch.
-                            reason = FinishReason::ContentFilter;
-                        }
-                    }
-                    if let Some(r) = s.recorder.as_mut() {
-                        r.push(&text);
-                    }
-                    let whole = format!("{}{}", s.answer, closing.as_ref().map(|c| c.suffix.as_str()).unwrap_or(""));
+                    rx = None;
                     if !text.is_empty() {
-                        s.pending.push_back(s.meta.content(text));
+                        pending.push_back(meta.content(text));
                     }
-                    if reason == FinishReason::ContentFilter {
-                        let refusal = s.meta.structured_refusal(reason, &s.answer).unwrap_or_else(|| s.answer.clone());
-                        s.pending.push_back(s.meta.refusal(refusal));
+                    pending.push_back(meta.finish_with(reason.into(), plain_info(&timings)));
+                    if meta.include_usage {
+                        pending.push_back(meta.usage(Usage::new(meta.prompt_tokens, tracker.tokens())));
                     }
-                    let info = s.meta.helpline(&timings, closing);
-                    if let Some(r) = s.recorder.as_mut() {
-                        // The answer is stored before the client is told it is complete.
-                        let usage = Usage::new(s.meta.prompt_tokens, s.tracker.tokens());
-                        if let Err(e) = r.finish(&whole, reason.as_str(), detail(&info, reason, usage)).await {
-                            tracing::error!(id = %s.meta.id, error = %e.message, "cannot store the finished answer");
-                            r.fail("the answer could not be stored").await;
-                            s.pending.push_back(error_event());
-                            continue;
-                        }
-                    }
-                    s.pending.push_back(s.meta.finish_with(reason, info));
-                    if s.meta.include_usage {
-                        s.pending.push_back(s.meta.usage(Usage::new(s.meta.prompt_tokens, s.tracker.tokens())));
-                    }
-                    s.pending.push_back(SseEvent::default().data("[DONE]"));
+                    pending.push_back(SseEvent::default().data("[DONE]"));
                 }
                 Some(Event::Error(e)) => {
-                    tracing::error!(id = %s.meta.id, detail = %e, "generation failed mid-stream");
-                    s.rx = None;
-                    if let Some(r) = s.recorder.as_mut() {
-                        r.fail("generation failed").await;
-                    }
-                    s.pending.push_back(error_event());
+                    tracing::error!(id = %meta.id, detail = %e, "generation failed mid-stream");
+                    rx = None;
+                    pending.push_back(error_event());
                 }
                 None => {
-                    tracing::error!(id = %s.meta.id, "the engine dropped a streamed request before it finished");
-                    s.rx = None;
-                    if let Some(r) = s.recorder.as_mut() {
-                        r.fail("the engine dropped the request").await;
-                    }
-                    s.pending.push_back(error_event());
+                    tracing::error!(id = %meta.id, "the engine dropped a streamed request before it finished");
+                    rx = None;
+                    pending.push_back(error_event());
                 }
             }
         }
-    })
+    });
+    sse_response(events, keep_alive)
 }

@@ -4,10 +4,10 @@
 
 use crate::config::ServeConfig;
 use crate::engine::{Job, JobGuard, ModelBundle};
-use crate::guard::grammar::{CompiledGuard, Constraint, GuardError, GuardLimits};
+use crate::guard::grammar::{Constraint, GuardError, GuardLimits};
 use crate::retrieval::Filters;
 use crate::sampler::{ParamError, SamplingParams};
-use crate::tokenizer::{ChatMessage, TokenizerError};
+use crate::tokenizer::ChatMessage;
 
 use super::dto::{
     ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, Prompt, RetrieveFilters, RetrieveRequest, Role, SamplingFields, Stop,
@@ -51,31 +51,18 @@ pub struct StructureSpec {
     pub kind: &'static str,
 }
 
-/// A structured-output constraint, compiled.
-#[derive(Debug, Clone)]
-pub struct Structured {
-    pub kind: &'static str,
-    /// The output is JSON (the policy filter then reads JSON escapes).
-    pub json: bool,
-    pub guard: CompiledGuard,
-}
+pub use crate::turn::Structured;
 
-/// A chat request checked but not yet rendered: grounding decides the final messages.
+/// A chat request checked: the turn to run, and how to answer it.
 #[derive(Debug, Clone)]
 pub struct ValidChat {
-    pub sampling: ValidSampling,
-    pub messages: Vec<ChatMessage>,
-    /// `Some(filters)` when the answer is to be grounded in the documentation.
-    pub grounding: Option<Filters>,
-    /// Quote mode (grounded answers only).
-    pub quote: bool,
-    /// The client's structured-output constraint, compiled (the policy pack is added per turn).
-    pub structured: Option<Structured>,
-    /// The stored conversation this turn belongs to.
-    pub conversation: super::record::ConversationRef,
+    pub turn: crate::turn::Request,
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
 }
 
-/// `POST /v1/chat/completions`: model, sampling, messages and the grounding choice.
+/// `POST /v1/chat/completions`: model, sampling, messages, the grounding choice and the answer mode.
 pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> Result<ValidChat, ApiError> {
     check_model(req.model.as_deref(), cfg, &loaded.bundle)?;
     let sampling = sampling(&req.sampling(), cfg)?;
@@ -83,20 +70,7 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> 
     let ext = req.helpline.clone().unwrap_or_default();
     let grounded = ext.grounding.unwrap_or(cfg.grounding.enabled);
     let structured = sampling.structure.as_ref().map(|s| compile_structure(s, cfg, loaded)).transpose()?;
-    let quote = match ext.quote {
-        Some(true) if !grounded => {
-            return Err(ApiError::invalid_field("helpline.quote", "`helpline.quote` needs grounding on: quotes come from the retrieved passages"))
-        }
-        Some(true) if structured.is_some() => {
-            return Err(ApiError::invalid_field(
-                "helpline.quote",
-                "`helpline.quote` cannot be combined with `response_format` or `helpline.grammar`: a quoted answer is text",
-            ))
-        }
-        Some(q) => q,
-        // The server's quote mode applies to text answers only.
-        None => grounded && cfg.grounding.quote_mode && structured.is_none(),
-    };
+    let mode = answer_mode(&ext, grounded, structured.is_some(), cfg)?;
     let grounding = if grounded {
         if messages.last().map(|m| m.role.as_str()) != Some("user") {
             return Err(ApiError::invalid_field(
@@ -113,18 +87,52 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> 
         None
     };
     let conversation = conversation(&ext)?;
-    Ok(ValidChat { sampling, messages, grounding, quote, structured, conversation })
+    let turn = crate::turn::Request {
+        messages,
+        sampling: crate::turn::Sampling { params: sampling.params, max_tokens: sampling.max_tokens, stop: sampling.stop },
+        grounding,
+        mode,
+        structured,
+        conversation: Some(conversation),
+        audit_request: serde_json::to_value(req).unwrap_or_default(),
+        for_agent: false,
+    };
+    Ok(ValidChat { turn, stream: sampling.stream, include_usage: sampling.include_usage })
 }
 
-/// Renders chat messages with the model's template and fits the prompt to the context.
-pub fn chat_generation(messages: &[ChatMessage], sampling: ValidSampling, cfg: &ServeConfig, loaded: &Loaded) -> Result<ValidGeneration, ApiError> {
-    let prompt = loaded.bundle.chat_prompt(messages).map_err(|e| match e {
-        TokenizerError::TemplateRender(m) | TokenizerError::TemplateLimit(m) => {
-            ApiError::invalid_field("messages", format!("the model's chat template rejected the conversation: {m}"))
+/// `helpline.answer_mode` (or the older `helpline.quote`), within the modes the operator allows;
+/// the server's `answer_mode` otherwise.
+fn answer_mode(ext: &super::dto::HelplineSampling, grounded: bool, structured: bool, cfg: &ServeConfig) -> Result<crate::turn::Mode, ApiError> {
+    use crate::turn::Mode;
+    let asked = match (&ext.answer_mode, ext.quote) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_field("helpline.quote", "give either `helpline.answer_mode` or `helpline.quote`, not both"));
         }
-        other => ApiError::internal(other),
-    })?;
-    finish(prompt, sampling, cfg, loaded.engine.max_positions())
+        (Some(m), None) => Some(Mode::parse(m).ok_or_else(|| {
+            ApiError::invalid_field("helpline.answer_mode", format!("`helpline.answer_mode` must be `assembled`, `generative` or `quote` (got {m:?})"))
+        })?),
+        (None, Some(true)) => Some(Mode::Quote),
+        (None, Some(false)) => Some(if cfg.grounding.answer_mode == Mode::Quote { Mode::Assembled } else { cfg.grounding.answer_mode }),
+        (None, None) => None,
+    };
+    let field = if ext.quote.is_some() { "helpline.quote" } else { "helpline.answer_mode" };
+    if let Some(m) = asked {
+        if !grounded && m != Mode::Generative {
+            return Err(ApiError::invalid_field(field, format!("`{field}` {} needs grounding on: answers are built from the documentation", m.as_str())));
+        }
+        if structured && m != Mode::Generative {
+            return Err(ApiError::invalid_field(
+                field,
+                format!("`{field}` {} cannot be combined with `response_format` or `helpline.grammar`: the answer is text", m.as_str()),
+            ));
+        }
+        if !cfg.grounding.allowed_modes.contains(&m) {
+            let allowed: Vec<&str> = cfg.grounding.allowed_modes.iter().map(|m| m.as_str()).collect();
+            return Err(ApiError::invalid_field(field, format!("`{field}` {} is not allowed on this server (allowed: {})", m.as_str(), allowed.join(", "))));
+        }
+        return Ok(m);
+    }
+    Ok(if structured { Mode::Generative } else { cfg.grounding.answer_mode })
 }
 
 /// Most entries in one retrieval filter list.
@@ -195,11 +203,19 @@ pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -
     }
     let sampling = sampling(&req.sampling(), cfg)?;
     let ext = req.helpline.clone().unwrap_or_default();
-    if ext.grounding == Some(true) || ext.filters.is_some() || ext.quote.is_some() || ext.conversation_id.is_some() || ext.customer.is_some() {
+    if ext.grounding == Some(true)
+        || ext.filters.is_some()
+        || ext.quote.is_some()
+        || ext.answer_mode.is_some()
+        || ext.conversation_id.is_some()
+        || ext.customer.is_some()
+    {
         let field = if ext.filters.is_some() {
             "helpline.filters"
         } else if ext.quote.is_some() {
             "helpline.quote"
+        } else if ext.answer_mode.is_some() {
+            "helpline.answer_mode"
         } else if ext.conversation_id.is_some() {
             "helpline.conversation_id"
         } else if ext.customer.is_some() {
@@ -226,7 +242,7 @@ pub fn completion(req: &CompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -
 }
 
 /// `helpline.conversation_id` and `helpline.customer`, checked against their bounds.
-pub fn conversation(ext: &super::dto::HelplineSampling) -> Result<super::record::ConversationRef, ApiError> {
+pub fn conversation(ext: &super::dto::HelplineSampling) -> Result<crate::turn::ConversationRef, ApiError> {
     if let Some(id) = &ext.conversation_id {
         if !crate::store::is_valid_id(id) {
             return Err(ApiError::invalid_field(
@@ -260,7 +276,7 @@ pub fn conversation(ext: &super::dto::HelplineSampling) -> Result<super::record:
             customer.attributes = attrs.clone();
         }
     }
-    Ok(super::record::ConversationRef { id: ext.conversation_id.clone(), customer })
+    Ok(crate::turn::ConversationRef { id: ext.conversation_id.clone(), customer })
 }
 
 /// `response_format` and `helpline.grammar`: at most one, of a known type, with what it needs.
@@ -444,10 +460,11 @@ pub fn sampling(f: &SamplingFields, cfg: &ServeConfig) -> Result<ValidSampling, 
 
     let defaults = SamplingParams::default();
     let params = SamplingParams {
-        // OpenAI's default temperature.
-        temperature: temperature.unwrap_or(1.0) as f32,
+        // The operator's defaults (greedy unless configured), not OpenAI's temperature 1: a support
+        // answer should not change with each ask.
+        temperature: temperature.map_or(cfg.default_temperature, |v| v as f32),
         top_k,
-        top_p: top_p.map_or(defaults.top_p, |v| v as f32),
+        top_p: top_p.map_or(cfg.default_top_p, |v| v as f32),
         min_p: min_p.map_or(defaults.min_p, |v| v as f32),
         seed: f.seed.unwrap_or_else(rand::random),
         repeat_penalty: repeat_penalty.map_or(defaults.repeat_penalty, |v| v as f32),

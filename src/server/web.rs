@@ -16,7 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use sha2::{Digest, Sha256};
 
-use super::grounding::retrieval_error;
+use super::knowledge::retrieval_error;
 use super::{ApiError, SharedState};
 use crate::retrieval::Passage;
 
@@ -211,6 +211,8 @@ mod tests {
             snippet: String::new(),
             score: 0.0,
             relevance: 0.0,
+            lexical: 0.0,
+            semantic: 0.0,
         }
     }
 
