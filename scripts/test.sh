@@ -25,5 +25,5 @@ if [ -z "${HELPLINE_TEST_POSTGRES_URL:-}" ]; then
 fi
 cargo build --release --locked
 target/release/helpline models pull
-python3 -m pip install --quiet --disable-pip-version-check 'openai>=1.40'
+python3 -m pip install --quiet --disable-pip-version-check 'openai>=1.40' 'numpy>=1.24'
 cargo test --release --locked "$@"

@@ -357,16 +357,20 @@ fn index(args: &IndexArgs) -> Result<ExitCode> {
 }
 
 fn search(args: &SearchArgs) -> Result<ExitCode> {
-    use crate::retrieval::{is_relevant, Filters, KnowledgeBase};
+    use crate::retrieval::{Filters, KnowledgeBase};
     let kb = KnowledgeBase::open(&args.index_dir, embedder()?)?;
     let filters = Filters { product_area: args.areas.clone(), locale: args.locale.clone(), doc_id: Vec::new() };
-    let passages = kb.search(&args.query, args.k, &filters)?;
-    let relevant = is_relevant(&passages, args.min_score);
+    let found = kb.retrieve(&args.query, &[], crate::retrieval::EARLIER_TURN_WEIGHT, args.k.max(crate::turn::evidence::RETRIEVE_K), &filters)?;
+    let (_, gate) = crate::turn::judge(&kb, &found, &args.query, args.min_score).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let relevant = gate.answered;
+    let mut passages = found.passages;
+    passages.truncate(args.k);
     if args.json {
         let out = serde_json::json!({
             "query": args.query,
             "relevant": relevant,
             "min_score": args.min_score,
+            "gate": gate,
             "version": kb.version(),
             "passages": passages,
         });
@@ -383,10 +387,9 @@ fn search(args: &SearchArgs) -> Result<ExitCode> {
         println!("   {}", p.snippet);
     }
     if !relevant {
-        let best = passages.iter().map(|p| p.relevance).fold(0.0, f32::max);
         println!(
-            "none passes the relevance gate (best relevance {best:.2} < {:.2}): the bot would refuse (no_relevant_docs)",
-            args.min_score
+            "the relevance gate refuses (score {:.2} < {:.2}): the bot would say the docs do not cover this (no_relevant_docs)",
+            gate.score, args.min_score
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -510,9 +513,21 @@ fn turn_deps_for(cli: &Cli, policy_file: &std::path::Path, docs_dir: &std::path:
     let policy = crate::guard::ActivePolicy::load(policy_file).map_err(|e| anyhow::anyhow!("{e}; fix the pack or pass --policy FILE"))?;
     let embedder = embedder()?;
     let knowledge = if grounded {
-        let report = build_index(&IndexOptions { docs_dir: docs_dir.to_path_buf(), index_dir: index_dir.to_path_buf(), embedder: embedder.clone() })
-            .map_err(|e| anyhow::anyhow!("cannot index {}: {e}; pass --docs DIR, or --no-grounding", docs_dir.display()))?;
-        tracing::info!("{}", report.to_string().trim_end());
+        // Bring the index up to date with the docs; when another process is writing it, wait for
+        // that build (up to a minute) rather than fail.
+        let started = std::time::Instant::now();
+        loop {
+            match build_index(&IndexOptions { docs_dir: docs_dir.to_path_buf(), index_dir: index_dir.to_path_buf(), embedder: embedder.clone() }) {
+                Ok(report) => {
+                    tracing::info!("{}", report.to_string().trim_end());
+                    break;
+                }
+                Err(crate::retrieval::RetrievalError::Locked { .. }) if started.elapsed() < std::time::Duration::from_secs(60) => {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err(e) => bail!("cannot index {}: {e}; pass --docs DIR and --index DIR, or --no-grounding", docs_dir.display()),
+            }
+        }
         Some(KnowledgeBase::open(index_dir, embedder.clone())?)
     } else {
         None

@@ -5,7 +5,8 @@ Usage: python3 tests/openai_client.py BASE_URL [API_KEY]
   BASE_URL  e.g. http://127.0.0.1:8080/v1
   API_KEY   the server's key (default: $OPENAI_API_KEY, else a dummy for a server without keys)
 
-Checks the model list, a non-streamed and a streamed chat completion (greedy answer to "Hi!"),
+Checks the model list, a non-streamed and a streamed chat completion of the bare model (greedy
+answer to "Hi!", grounding off), a grounded answer with its citations as the API's defaults give it,
 and, when a real key is given, that a wrong key is refused. Exits non-zero on any failure,
 including a missing `openai` package (install: python3 -m pip install 'openai>=1.40').
 """
@@ -45,7 +46,8 @@ def main():
     print(f"model: {model}")
 
     messages = [{"role": "user", "content": "Hi!"}]
-    reply = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=32)
+    bare = {"helpline": {"grounding": False}}
+    reply = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=32, extra_body=bare)
     choice = reply.choices[0]
     if choice.message.content != EXPECTED:
         fail(f"non-streamed answer {choice.message.content!r}, expected {EXPECTED!r}")
@@ -58,7 +60,7 @@ def main():
     deltas = []
     finish = None
     chunks = 0
-    stream = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=32, stream=True)
+    stream = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=32, stream=True, extra_body=bare)
     for chunk in stream:
         chunks += 1
         for c in chunk.choices:
@@ -74,6 +76,26 @@ def main():
     if len(deltas) < 2:
         fail(f"the answer came in {len(deltas)} delta(s); expected it token by token")
     print(f"stream: {len(deltas)} deltas in {chunks} chunks")
+
+    # A support question with the API's defaults: grounded, assembled from the approved article,
+    # cited (Helpline's report arrives as an extra field).
+    question = [{"role": "user", "content": "How do I reset my password?"}]
+    reply = client.chat.completions.create(model=model, messages=question)
+    content = reply.choices[0].message.content or ""
+    if "Send reset link" not in content or "[1]" not in content:
+        fail(f"the grounded answer lacks the article's steps or its marker: {content!r}")
+    extra = reply.model_extra or {}
+    cited = [c.get("doc_id") for c in (extra.get("helpline") or {}).get("citations") or []]
+    if "password-reset" not in cited:
+        fail(f"the grounded answer does not cite the password-reset article: {cited!r}")
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model=model, messages=question, stream=True)
+        if c.choices
+    )
+    if streamed != content:
+        fail(f"the streamed grounded answer differs from the non-streamed one: {streamed!r}")
+    print(f"grounded: cites {cited}")
 
     if real_key:
         wrong = OpenAI(base_url=base_url, api_key=key + "-wrong", max_retries=0, timeout=30.0)

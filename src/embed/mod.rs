@@ -27,6 +27,8 @@ pub const BATCH: usize = 32;
 pub const MODEL_DIR: &str = "all-MiniLM-L6-v2";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The vectors already computed, beside the model files (see [`Embedder::with_disk_cache`]).
+pub const CACHE_FILE: &str = "embeddings.cache";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -88,6 +90,11 @@ pub struct Embedder {
     /// sha256 of the weights: an index records which model made its vectors.
     fingerprint: String,
     cache: Mutex<HashMap<[u8; 32], Vec<f32>>>,
+    /// A file that keeps every vector computed, so that another process (a rebuild in a fresh
+    /// index directory, a test) does not embed the same text again.
+    disk: Mutex<Option<std::fs::File>>,
+    /// Texts run through the model so far (cache misses).
+    computed: std::sync::atomic::AtomicUsize,
 }
 
 /// Most cached vectors (about 1.5 KiB each).
@@ -120,7 +127,53 @@ impl Embedder {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }.map_err(|e| EmbedError::Load(e.to_string()))?;
         let config = minilm_config();
         let model = BertModel::load(vb, &config).map_err(|e| EmbedError::Load(e.to_string()))?;
-        Ok(Embedder { model, tokenizer, device, dim: config.hidden_size, fingerprint: files.weights_sha256.to_string(), cache: Mutex::default() })
+        Ok(Embedder {
+            model,
+            tokenizer,
+            device,
+            dim: config.hidden_size,
+            fingerprint: files.weights_sha256.to_string(),
+            cache: Mutex::default(),
+            disk: Mutex::new(None),
+            computed: Default::default(),
+        })
+    }
+
+    /// Keeps vectors in `path` too (loaded now, appended to as texts are embedded). A cache file of
+    /// another model is started afresh; one that cannot be read or written only means more embedding.
+    pub fn with_disk_cache(self, path: &Path) -> Embedder {
+        use std::io::{Read, Write};
+        let header = format!("HLEMBC1 {} {}\n", self.fingerprint, self.dim).into_bytes();
+        let record = 32 + self.dim * 4;
+        let mut loaded = 0usize;
+        if let Ok(mut f) = std::fs::File::open(path) {
+            let mut bytes = Vec::new();
+            if f.read_to_end(&mut bytes).is_ok() && bytes.starts_with(&header) {
+                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                for rec in bytes[header.len()..].chunks_exact(record) {
+                    let key: [u8; 32] = rec[..32].try_into().expect("32 bytes");
+                    let v: Vec<f32> = rec[32..].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                    cache.insert(key, v);
+                    loaded += 1;
+                }
+            } else {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).ok().and_then(|mut f| {
+            if f.metadata().ok()?.len() == 0 {
+                f.write_all(&header).ok()?;
+            }
+            Some(f)
+        });
+        tracing::debug!(path = %path.display(), loaded, "embedding cache");
+        *self.disk.lock().unwrap_or_else(|e| e.into_inner()) = file;
+        self
+    }
+
+    /// Texts embedded by the model so far (not found in a cache).
+    pub fn computed(&self) -> usize {
+        self.computed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Vector length.
@@ -165,11 +218,25 @@ impl Embedder {
         for batch in todo.chunks(BATCH) {
             let ids: Vec<&[u32]> = batch.iter().map(|(_, _, ids)| ids.as_slice()).collect();
             let vectors = self.forward(&ids)?;
+            self.computed.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if cache.len() + batch.len() > CACHE_ENTRIES {
                 cache.clear();
             }
+            let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
             for ((i, key, _), v) in batch.iter().zip(vectors) {
+                if let Some(f) = disk.as_mut() {
+                    use std::io::Write;
+                    let mut rec = Vec::with_capacity(32 + v.len() * 4);
+                    rec.extend_from_slice(key);
+                    for x in &v {
+                        rec.extend_from_slice(&x.to_le_bytes());
+                    }
+                    // One write per record (the file is opened for appending).
+                    if f.write_all(&rec).is_err() {
+                        *disk = None;
+                    }
+                }
                 cache.insert(*key, v.clone());
                 out[*i] = Some(v);
             }

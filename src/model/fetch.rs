@@ -191,7 +191,12 @@ pub fn pull_bundle(spec: &BundleSpec, dir: &Path, force: bool, progress: &mut dy
 /// missing, unless offline), its files verified.
 pub fn load_embedder(progress: &mut dyn FnMut(&str)) -> Result<crate::embed::Embedder, String> {
     let dir = ensure_bundle(&EMBEDDING_MODEL, &models_dir(), HubConfig::from_env().offline, progress).map_err(|e| e.to_string())?;
-    crate::embed::Embedder::load(&dir, EMBEDDING_MODEL.embed_files()).map_err(|e| e.to_string())
+    let e = crate::embed::Embedder::load(&dir, EMBEDDING_MODEL.embed_files()).map_err(|e| e.to_string())?;
+    // HELPLINE_EMBED_CACHE=0 turns the on-disk cache off (to measure embedding cost, say).
+    if std::env::var("HELPLINE_EMBED_CACHE").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("off")) {
+        return Ok(e);
+    }
+    Ok(e.with_disk_cache(&dir.join(crate::embed::CACHE_FILE)))
 }
 
 /// The bundle's directory once every file is present and verified; pulled when missing (unless

@@ -76,7 +76,10 @@ pub fn chunk_blocks(title: &str, blocks: &[Block]) -> Vec<Chunk> {
 fn split_section(paragraphs: Vec<String>, template: &Part, pieces: &mut Vec<Piece>) {
     let mut units: Vec<String> = Vec::new();
     for p in paragraphs {
-        if words(&p) > MAX_WORDS {
+        if words(&p) > MAX_WORDS && p.contains('\n') {
+            // A long list (or other multi-line block) is split between its lines, never inside one.
+            units.extend(split_lines(&p));
+        } else if words(&p) > MAX_WORDS {
             units.extend(split_long(&p));
         } else {
             units.push(p);
@@ -95,6 +98,37 @@ fn split_section(paragraphs: Vec<String>, template: &Part, pieces: &mut Vec<Piec
     if part.words > 0 {
         pieces.push(vec![part]);
     }
+}
+
+/// An overlong multi-line paragraph: its lines packed up to `MAX_WORDS` (a single overlong line
+/// is split like a paragraph).
+fn split_lines(p: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur: Vec<&str> = Vec::new();
+    let mut n = 0;
+    for line in p.lines() {
+        let w = words(line);
+        if w > MAX_WORDS {
+            if !cur.is_empty() {
+                out.push(cur.join("\n"));
+                cur.clear();
+                n = 0;
+            }
+            out.extend(split_long(line));
+            continue;
+        }
+        if n + w > MAX_WORDS && !cur.is_empty() {
+            out.push(cur.join("\n"));
+            cur.clear();
+            n = 0;
+        }
+        cur.push(line);
+        n += w;
+    }
+    if !cur.is_empty() {
+        out.push(cur.join("\n"));
+    }
+    out
 }
 
 /// An overlong paragraph: sentences packed up to `MAX_WORDS`, and a sentence longer than that cut

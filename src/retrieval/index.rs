@@ -28,7 +28,7 @@ use tantivy::schema::Term;
 use tantivy::{doc, Index, IndexWriter, TantivyDocument, TantivyError};
 
 use super::chunk::chunk_blocks;
-use super::evidence::{self, Draft, EvidenceTable, Unit};
+use super::evidence::{self, Draft, EvidenceTable, Unit, UnitKind};
 use super::document::{self, Article, DocStatus, Format, ParseError};
 use super::schema::{self, Fields, KIND_CHUNK, KIND_META, SCHEMA_VERSION};
 use super::RetrievalError;
@@ -63,7 +63,8 @@ pub struct IndexReport {
     pub committed: bool,
     /// Evidence units (sentences, list items, table rows) of the approved articles.
     pub units: usize,
-    /// Units embedded by this run (the others reused their stored vectors).
+    /// Vectors this run computed with the model (two per unit; the others came from the previous
+    /// build or the embedding cache).
     pub embedded: usize,
     /// Time spent embedding them.
     pub embed_ms: f64,
@@ -126,7 +127,7 @@ impl fmt::Display for IndexReport {
         )?;
         writeln!(
             f,
-            "index: {} documents, {} chunks, {} evidence units, version {} ({}; {:.1} KiB read in {:.0} ms; {} units embedded in {:.0} ms)",
+            "index: {} documents, {} chunks, {} evidence units, version {} ({}; {:.1} KiB read in {:.0} ms; {} vectors computed, {:.0} ms)",
             self.documents,
             self.chunks,
             self.units,
@@ -407,7 +408,9 @@ pub fn build_index(opts: &IndexOptions) -> Result<IndexReport, RetrievalError> {
     drop(reuse);
     drop(previous_evidence);
     let texts: Vec<&str> = missing.iter().map(|&i| inputs[i].as_str()).collect();
+    let computed_before = opts.embedder.computed();
     let embedded = opts.embedder.embed(&texts)?;
+    let computed = opts.embedder.computed() - computed_before;
     for (&i, v) in missing.iter().zip(embedded) {
         all[i * dim..(i + 1) * dim].copy_from_slice(&v);
     }
@@ -451,7 +454,7 @@ pub fn build_index(opts: &IndexOptions) -> Result<IndexReport, RetrievalError> {
         elapsed_ms: start.elapsed().as_secs_f64() * 1e3,
         committed,
         units: unit_count,
-        embedded: missing.len(),
+        embedded: computed,
         embed_ms,
     })
 }
@@ -465,11 +468,17 @@ fn article_units(article: &Article) -> Vec<(usize, Draft)> {
     for (ordinal, chunk) in chunk_blocks(&article.meta.title, &article.blocks).iter().enumerate() {
         let drafts = evidence::split_chunk(&chunk.text, &chunk.section, &headings);
         let blocks = drafts.iter().map(|d| d.block + 1).max().unwrap_or(0);
+        // A list the chunker split between two chunks stays one block: it is quoted as one list.
+        let continues = matches!(
+            (out.last().map(|(_, d): &(usize, Draft)| d), drafts.first()),
+            (Some(prev), Some(first)) if matches!(prev.kind, UnitKind::Item { .. }) && matches!(first.kind, UnitKind::Item { .. }) && first.block == 0 && prev.section == first.section
+        );
+        let base = if continues { block_base - 1 } else { block_base };
         for mut d in drafts {
-            d.block += block_base;
+            d.block += base;
             out.push((ordinal, d));
         }
-        block_base += blocks;
+        block_base = base + blocks;
     }
     out
 }

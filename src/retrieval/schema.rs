@@ -8,7 +8,7 @@ use tantivy::Index;
 /// Bump whenever the analyzer, the chunker or the stored layout changes: an index built under
 /// another value is rebuilt from scratch by the next `build_index` and refused by
 /// `KnowledgeBase::open` until then.
-pub const SCHEMA_VERSION: &str = "helpline-retrieval-2";
+pub const SCHEMA_VERSION: &str = "helpline-retrieval-3";
 
 /// Name under which the analyzer is registered on every opened index (tantivy does not persist
 /// analyzers, only their names).

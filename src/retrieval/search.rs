@@ -59,6 +59,10 @@ pub const RELEVANCE_SCALE: f32 = 3.5;
 /// Reciprocal-rank fusion: a candidate at rank r (from 0) of a list adds `weight / (RRF_K + r + 1)`.
 pub const RRF_K: f32 = 10.0;
 pub const LEXICAL_WEIGHT: f32 = 1.0;
+/// Weight of the conversation's vector next to the latest message's in a follow-up's query vector.
+pub const FOLLOW_UP_CONTEXT: f32 = 0.8;
+/// Least cosine similarity of a chunk's best unit for it to be a dense candidate.
+pub const DENSE_FLOOR: f32 = 0.4;
 pub const DENSE_WEIGHT: f32 = 1.0;
 
 /// Cosine similarity between a question and its best sentence below which the semantic half of the
@@ -237,6 +241,18 @@ impl KnowledgeBase {
         Ok(self.retrieve(query, &[], EARLIER_TURN_WEIGHT, k, filters)?.passages)
     }
 
+    /// BM25 alone (no dense candidates): which passages contain the query's words.
+    pub fn search_lexical(&self, query: &str, k: usize, filters: &Filters) -> Result<Vec<Passage>, RetrievalError> {
+        let searcher = self.inner.reader.searcher();
+        let evidence = self.evidence_of(&searcher)?;
+        let terms = self.weighted_terms(query, &[], 0.0);
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let none = vec![f32::MIN; evidence.len()];
+        self.search_hybrid(&searcher, &evidence, &terms, &none, k, filters)
+    }
+
     /// Retrieval for a chat turn: `current` is the customer's latest message, `earlier` their
     /// previous messages, oldest first. Earlier messages add their terms at a lower weight, so a
     /// follow-up such as "and how long does that take?" still finds the topic of the conversation
@@ -269,12 +285,23 @@ impl KnowledgeBase {
         // The question's vector; a follow-up leans on the conversation: its vector is the latest
         // message read after the previous one.
         let embed_started = Instant::now();
-        let text = if follow_up { format!("{} {current}", earlier.last().copied().unwrap_or_default()) } else { current.to_string() };
-        let query_vector = self.inner.embedder.embed_one(truncate(&text, MAX_QUERY_BYTES))?;
+        let own_vector = self.inner.embedder.embed_one(truncate(current, MAX_QUERY_BYTES))?;
+        let query_vector = if follow_up {
+            // The latest message leads; the conversation gives it its topic.
+            let text = format!("{} {current}", earlier.last().copied().unwrap_or_default());
+            let context = self.inner.embedder.embed_one(truncate(&text, MAX_QUERY_BYTES))?;
+            let mut v: Vec<f32> = own_vector.iter().zip(&context).map(|(a, b)| a + FOLLOW_UP_CONTEXT * b).collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+            v.iter_mut().for_each(|x| *x /= norm);
+            v
+        } else {
+            own_vector
+        };
         let embed_ms = embed_started.elapsed().as_secs_f64() * 1e3;
         let similarities = evidence.similarities(&query_vector);
         let plain_similarities = evidence.plain_similarities(&query_vector);
-        let passages = self.search_hybrid(&searcher, &evidence, &terms, &similarities, k, filters)?;
+        // Text with no searchable word (blank, stop words, punctuation) finds nothing.
+        let passages = if terms.is_empty() { Vec::new() } else { self.search_hybrid(&searcher, &evidence, &terms, &similarities, k, filters)? };
         let unknown = {
             let mut own: Vec<WeightedTerm> = terms.iter().filter(|t| t.weight >= 1.0).cloned().collect();
             let n = own.len();
@@ -570,7 +597,9 @@ impl KnowledgeBase {
                 *e = e.max(sim);
             }
         }
-        let mut dense: Vec<(&str, f32)> = best_unit.iter().map(|(c, s)| (*c, *s)).collect();
+        // A chunk enters by similarity alone only when it is close enough: text with nothing in
+        // common with the docs gets no nearest neighbours passed off as results.
+        let mut dense: Vec<(&str, f32)> = best_unit.iter().filter(|(_, s)| **s >= DENSE_FLOOR).map(|(c, s)| (*c, *s)).collect();
         dense.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         dense.truncate(limit);
 

@@ -472,7 +472,14 @@ pub async fn draft(State(state): State<SharedState>, ApiJson(req): ApiJson<Draft
     let plan = draft_plan(&main, noted.as_ref(), &case.msgs[latest].text, note.as_deref());
 
     let closing = policy.pack.messages.closing.trim();
-    let body = |f: &crate::turn::Finished| f.text.trim().strip_suffix(closing).unwrap_or(f.text.trim()).trim().to_string();
+    // The turn's own closing (the offer of more help or of a person) is the agent's to word.
+    let body = |f: &crate::turn::Finished| {
+        let t = f.text.trim().strip_suffix(closing).unwrap_or(f.text.trim()).trim().to_string();
+        match t.rsplit_once("\n\n") {
+            Some((head, last)) if crate::turn::precheck::offers_person(last) => head.trim().to_string(),
+            _ => t,
+        }
+    };
     let check = PhraseCheck::new(&policy);
     let negative = history["sentiment"]["label"] == "negative";
     let mut dropped: Vec<Value> = Vec::new();

@@ -47,20 +47,23 @@ pub async fn retrieve(State(state): State<SharedState>, ApiJson(req): ApiJson<Re
     let st = state.clone();
     let min = state.config.grounding.min_relevance;
     let q = query.clone();
-    let (passages, version) = tokio::task::spawn_blocking(move || -> Result<_, RetrievalError> {
+    let (passages, version, relevant) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
         let started = Instant::now();
-        let found = kb.search(&q, k, &filters)?;
+        let found = kb.retrieve(&q, &[], retrieval::EARLIER_TURN_WEIGHT, k.max(crate::turn::evidence::RETRIEVE_K), &filters).map_err(retrieval_error)?;
         st.metrics.observe_retrieval(started.elapsed().as_secs_f64());
-        Ok((found, kb.version()))
+        // The chat turn's gate: would the bot answer this?
+        let (_, gate) = crate::turn::judge(&kb, &found, &q, min)?;
+        let mut passages = found.passages;
+        passages.truncate(k);
+        Ok((passages, kb.version(), gate.answered))
     })
     .await
-    .map_err(ApiError::internal)?
-    .map_err(retrieval_error)?;
+    .map_err(ApiError::internal)??;
     Ok(Json(RetrieveResponse {
         object: ListObject::List,
         query,
         index_version: version,
-        relevant: retrieval::is_relevant(&passages, min),
+        relevant,
         min_relevance: min,
         data: passages.iter().map(|p| passage_out(p, None, true)).collect(),
     }))

@@ -24,8 +24,9 @@ pub mod wording {
             format!("Here's what our help center article “{title}” says:")
         }
     }
-    /// Before a further block of the same article.
+    /// Before a further block of the same article (steps: an ordered list).
     pub const ALSO: &str = "Also:";
+    pub const STEPS: &str = "Step by step:";
     /// Before a block of another article.
     pub fn from_article(title: &str) -> String {
         format!("And from “{title}”:")
@@ -40,18 +41,22 @@ pub mod wording {
 /// decisions) and `closing`.
 pub fn assemble(table: &EvidenceTable, sel: &Selection, lead: Option<&str>, closing: &str) -> String {
     let mut out = String::new();
-    let mut last_doc: Option<&str> = None;
+    let mut seen_docs: Vec<&str> = Vec::new();
     for (bi, block) in sel.blocks.iter().enumerate() {
         let first = &table.units[block.units[0]];
         let is_list = block.units.iter().any(|&j| !matches!(table.units[j].kind, UnitKind::Sentence));
         let steps = block.units.iter().any(|&j| matches!(&table.units[j].kind, UnitKind::Item { marker } if marker != "-"));
-        let intro = match (bi, last_doc) {
-            (0, _) => match lead {
+        let intro = if bi == 0 {
+            match lead {
                 Some(l) => l.to_string(),
                 None => wording::lead_in(&first.title, steps),
-            },
-            (_, Some(d)) if d == first.doc_id => wording::ALSO.to_string(),
-            _ => wording::from_article(&first.title),
+            }
+        } else if seen_docs.contains(&first.doc_id.as_str()) && steps {
+            wording::STEPS.to_string()
+        } else if seen_docs.contains(&first.doc_id.as_str()) {
+            wording::ALSO.to_string()
+        } else {
+            wording::from_article(&first.title)
         };
         if !out.is_empty() {
             out.push_str("\n\n");
@@ -86,7 +91,7 @@ pub fn assemble(table: &EvidenceTable, sel: &Selection, lead: Option<&str>, clos
             out.push(' ');
             out.push_str(&marker);
         }
-        last_doc = Some(first.doc_id.as_str());
+        seen_docs.push(first.doc_id.as_str());
     }
     if !closing.trim().is_empty() {
         if !out.is_empty() {

@@ -16,6 +16,8 @@ pub const CANDIDATE_DOCS: usize = 3;
 pub const LEXICAL_WEIGHT: f32 = 0.6;
 /// Weight of lexical coverage of the unit's own text.
 pub const TEXT_LEXICAL_WEIGHT: f32 = 0.4;
+/// Weight of the article title's coverage of the question (what the whole article is about).
+pub const TITLE_WEIGHT: f32 = 0.2;
 /// Bonus of a unit from the best-ranked document (decaying with rank).
 pub const RANK_WEIGHT: f32 = 0.1;
 /// A further block joins the answer when its unit scores within this margin of the best one.
@@ -125,7 +127,8 @@ impl<'a> Scorer<'a> {
         let sim = self.retrieval.similarities.get(i).copied().unwrap_or(0.0);
         let lex = self.coverage(&format!("{}\n{}", u.section, u.text));
         let lex_text = self.coverage(&u.text);
-        sim + LEXICAL_WEIGHT * lex + TEXT_LEXICAL_WEIGHT * lex_text + RANK_WEIGHT / (1.0 + rank as f32)
+        let title = self.coverage(&u.title);
+        sim + LEXICAL_WEIGHT * lex + TEXT_LEXICAL_WEIGHT * lex_text + TITLE_WEIGHT * title + RANK_WEIGHT / (1.0 + rank as f32)
     }
 }
 
@@ -209,6 +212,20 @@ pub fn select(kb: &KnowledgeBase, retrieval: &Retrieval, question: &str, restric
         used.extend(block.units.iter().copied());
         blocks.push(block);
     }
+
+    // Reading order: the article of the best block first, each article's blocks as the article has
+    // them.
+    let mut doc_order: Vec<String> = Vec::new();
+    for b in &blocks {
+        let d = &table.units[b.units[0]].doc_id;
+        if !doc_order.contains(d) {
+            doc_order.push(d.clone());
+        }
+    }
+    blocks.sort_by_key(|b| {
+        let u = &table.units[b.units[0]];
+        (doc_order.iter().position(|d| d == &u.doc_id).unwrap_or(usize::MAX), u.position)
+    });
 
     // Passages cited, numbered in order of first use.
     let mut passages: Vec<Passage> = Vec::new();

@@ -484,7 +484,9 @@ fn plan(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
     let refusals = [policy.pack.messages.refusal.as_str(), settings.refusal_message.as_str()];
     // The policy's pre-checks, before retrieval or the model.
     let checked = precheck::precheck(policy, &req.messages, &refusals)
-        .filter(|c| !(req.for_agent && matches!(c, PreCheck::Handoff(_) | PreCheck::SmallTalk(_))));
+        .filter(|c| !(req.for_agent && matches!(c, PreCheck::Handoff(_) | PreCheck::SmallTalk(_))))
+        // With grounding off the model answers as it is (small talk included).
+        .filter(|c| req.grounding.is_some() || !matches!(c, PreCheck::SmallTalk(_)));
     match checked {
         Some(PreCheck::Handoff(fired)) => {
             deps.observer.guard_rule(&fired.rule, "handoff");
@@ -566,30 +568,15 @@ fn plan(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
     info.embed_ms = retrieval.embed_ms;
     info.budget = BudgetOut { passage_tokens: settings.passage_tokens, history_tokens: settings.history_tokens, ..BudgetOut::default() };
 
-    // Evidence: the sentences, items and rows that answer the question.
-    let selection = evidence::select(&kb, &retrieval, &latest.content, None)?;
-    let relevance = retrieval.passages.iter().map(|p| p.relevance).fold(0.0f32, f32::max);
-    let score = gate_score(relevance, selection.doc_coverage, selection.similarity, selection.plain_similarity);
-    let answered = !selection.is_empty() && score >= settings.min_relevance;
-    info.gate = Some(GateOut {
-        relevance,
-        coverage: selection.coverage,
-        similarity: selection.similarity,
-        unknown: retrieval.unknown,
-        focus: selection.focus,
-        plain_similarity: selection.plain_similarity,
-        doc_coverage: selection.doc_coverage,
-        score,
-        threshold: settings.min_relevance,
-        answered,
-    });
-    // The evidence considered is reported either way (a refusal's is what came closest).
-    info.evidence = evidence_out(&retrieval.evidence, &selection);
-    info.passages = retrieval.passages.iter().map(|p| passage_out(p, None, false)).collect();
+    // Evidence: the sentences, items and rows that answer the question; the gate on it.
+    let (selection, gate) = judge(&kb, &retrieval, &latest.content, settings.min_relevance)?;
+    let answered = gate.answered;
+    info.gate = Some(gate);
     if !answered {
         return Ok(Plan::Fixed(refuse(deps, info, req.structured.is_some(), "no_relevant_docs")));
     }
     info.mode = Some(if req.structured.is_some() { "generative" } else { req.mode.as_str() }.to_string());
+    info.evidence = evidence_out(&retrieval.evidence, &selection);
     info.passages = selection.passages.iter().enumerate().map(|(i, p)| passage_out(p, Some(i + 1), false)).collect();
 
     match (req.mode, &req.structured) {
@@ -612,6 +599,28 @@ fn plan(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
         }
         _ => generated(deps, req, &kb, &retrieval.evidence, &selection, info, history, latest),
     }
+}
+
+/// Evidence selection and the relevance gate for a retrieval: what would be quoted, and whether
+/// the documentation answers the question (`threshold`: the operator's `min_relevance`). Chat,
+/// `/v1/retrieve` and `helpline search` decide the same way.
+pub fn judge(kb: &KnowledgeBase, retrieval: &crate::retrieval::Retrieval, question: &str, threshold: f32) -> Result<(Selection, GateOut), TurnError> {
+    let selection = evidence::select(kb, retrieval, question, None)?;
+    let relevance = retrieval.passages.iter().map(|p| p.relevance).fold(0.0f32, f32::max);
+    let score = gate_score(relevance, selection.doc_coverage, selection.similarity, selection.plain_similarity);
+    let gate = GateOut {
+        relevance,
+        coverage: selection.coverage,
+        similarity: selection.similarity,
+        unknown: retrieval.unknown,
+        focus: selection.focus,
+        plain_similarity: selection.plain_similarity,
+        doc_coverage: selection.doc_coverage,
+        score,
+        threshold,
+        answered: !selection.is_empty() && score >= threshold,
+    };
+    Ok((selection, gate))
 }
 
 /// Earlier customer messages searched along with the latest one (for follow-ups).
@@ -927,8 +936,8 @@ async fn answer_fixed(deps: &Deps, req: &Request, conversation: Option<Conversat
         (Some(store), Some(c)) => Some(Recorder::begin(store, deps.observer.clone(), c, req.latest_customer()).await?),
         _ => None,
     };
-    let completion_tokens = deps.model.bundle.tokenizer.encode(&f.text, false).map(|ids| ids.len()).unwrap_or(0);
-    let usage = Usage::new(0, completion_tokens);
+    // Usage counts the model's work: none for a fixed answer.
+    let usage = Usage::new(0, 0);
     let structured = req.structured.is_some();
     let refused = f.finish == FinishReason::ContentFilter || f.outcome == "refused" || f.outcome == "handoff";
     let (refusal, content_null) = if structured && (refused || f.outcome == "decision") {

@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use helpline::config::ServeConfig;
 use helpline::server::{agent_page, conversations, web, AppState};
-use helpline::retrieval::{build_index, IndexOptions, KnowledgeBase};
+use helpline::retrieval::build_index;
 use helpline::store::{Customer, Role, Store, TurnState};
 use serde_json::{json, Value};
 
@@ -283,12 +283,12 @@ async fn an_agent_answers_a_handed_off_conversation_in_a_browser() {
     let tmp = tempfile::tempdir().unwrap();
     let (docs, index) = (tmp.path().join("docs"), tmp.path().join("index"));
     copy_tree(&support::root().join("docs-corpus"), &docs);
-    build_index(&IndexOptions { docs_dir: docs.clone(), index_dir: index.clone() }).expect("the copy indexes");
+    build_index(&support::index_options(&docs.clone(), &index.clone())).expect("the copy indexes");
     let mut cfg = ServeConfig::default();
     cfg.grounding.docs_dir = docs.clone();
     cfg.grounding.index_dir = index.clone();
     let server = start_server(cfg).await;
-    server.state.set_knowledge(KnowledgeBase::open(&index).unwrap());
+    server.state.set_knowledge(support::open_kb(&index).unwrap());
     seed(&server).await;
     let base = server.base_url.clone();
 

@@ -456,19 +456,38 @@ async fn audit_and_replay(cfg: ServeConfig) {
         use sha2::Digest;
         format!("{:x}", sha2::Sha256::digest(std::fs::read(support::smollm2_path()).unwrap()))
     };
-    for (name, extra) in [("greedy", json!({})), ("seeded", json!({"temperature": 0.9, "seed": 1234, "top_p": 0.95}))] {
+    for (name, extra) in [
+        ("assembled", json!({})),
+        ("greedy", json!({"generative": true})),
+        ("seeded", json!({"temperature": 0.9, "seed": 1234, "top_p": 0.95, "generative": true})),
+    ] {
         let id = format!("conv-audit-{name}");
-        let body = ok(&server.post_json("/v1/chat/completions", &turn("How long do refunds take to arrive?", &id, extra)).await);
+        let mut extra = extra;
+        let generative = extra.as_object_mut().unwrap().remove("generative").is_some();
+        let mut body = turn("How long do refunds take to arrive?", &id, extra);
+        if generative {
+            body["helpline"]["answer_mode"] = json!("generative");
+        }
+        let body = ok(&server.post_json("/v1/chat/completions", &body).await);
         let answer = body["helpline"]["answer_id"].as_str().unwrap();
         let audit = ok(&server.agent_get(&format!("/v1/answers/{answer}/audit")).await);
         assert_eq!(audit["model"]["sha256"], model_sha.as_str(), "{name}");
-        for key in ["tokenizer_sha256", "template_sha256", "index_version", "policy_version", "prompt_sha256"] {
+        for key in ["tokenizer_sha256", "template_sha256", "embedder_sha256", "index_version", "policy_version"] {
             assert!(audit[key].as_str().is_some_and(|v| !v.is_empty()), "{name}: {key} in {audit}");
         }
         assert_eq!(audit["index_version"], body["helpline"]["grounding"]["index_version"]);
         assert!(!audit["grounding"]["passages"].as_array().unwrap().is_empty());
+        assert!(!audit["grounding"]["evidence"].as_array().unwrap().is_empty(), "the quoted or given evidence is recorded");
+        assert!(audit["grounding"]["gate"]["score"].is_number());
         assert!(audit["grounding"]["passages"][0]["score"].is_number());
-        assert!(audit["sampling"]["seed"].is_u64());
+        if generative {
+            assert!(audit["prompt_sha256"].as_str().is_some_and(|v| v.len() == 64), "{audit}");
+            assert!(audit["sampling"]["seed"].is_u64());
+        } else {
+            // No model ran: nothing was sampled.
+            assert_eq!(audit["grounding"]["mode"], "assembled");
+            assert!(audit["sampling"].is_null() && audit["prompt_sha256"].is_null(), "{audit}");
+        }
         assert_eq!(audit["outcome"]["finish_reason"], body["choices"][0]["finish_reason"]);
         assert_eq!(audit["outcome"]["guard"]["grammar_hash"], body["helpline"]["guard"]["grammar_hash"]);
         let replay = ok(&server.agent_post_json(&format!("/v1/answers/{answer}/replay"), &json!({})).await);
@@ -478,7 +497,7 @@ async fn audit_and_replay(cfg: ServeConfig) {
         assert_eq!(replay["same_index"], true);
         assert_eq!(replay["same_policy"], true);
         // Replay does not add turns.
-        assert_eq!(conversation(&server, &id).await["turns"].as_array().unwrap().len(), 2);
+        assert_eq!(conversation(&server, &id).await["turns"].as_array().unwrap().len(), 2, "{name}");
     }
     assert_eq!(server.agent_get("/v1/answers/turn_nope/audit").await.status, 404);
     server.shutdown().await;

@@ -25,3 +25,4 @@ mod store;
 mod conversations;
 mod assist;
 mod agent_console;
+mod answers;

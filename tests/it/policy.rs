@@ -100,11 +100,21 @@ async fn out_of_scope_topics_are_refused_with_content_filter() {
 #[tokio::test]
 async fn ordinary_questions_go_ahead_and_report_the_policy_version() {
     let server = start_grounded_server(ServeConfig::default()).await;
+    // Assembled (the default): quotes, no grammar needed.
     let (content, finish, refusal, h) = answer(&server, &ask(&[("user", "How do I reset my password?")], false)).await;
     assert!(!content.is_empty());
     assert_ne!(finish, "content_filter");
     assert!(refusal.is_none());
     assert_eq!(h["guard"]["policy_version"], support::policy().pack.version.as_str());
+    assert_eq!(h["guard"]["action"], "none");
+    assert!(h["guard"]["grammar_hash"].is_null(), "{h}");
+    // Generative: the model decodes under the pack's grammar.
+    let mut body = ask(&[("user", "How do I reset my password?")], false);
+    body["helpline"] = json!({"answer_mode": "generative"});
+    let (content, finish, refusal, h) = answer(&server, &body).await;
+    assert!(!content.is_empty());
+    assert_ne!(finish, "content_filter");
+    assert!(refusal.is_none());
     assert_eq!(h["guard"]["action"], "none");
     assert_eq!(h["guard"]["rules"], json!([]));
     assert_eq!(h["guard"]["grammar_hash"].as_str().map(str::len), Some(64), "{h}");
@@ -229,7 +239,7 @@ fn quotes(text: &str) -> Vec<(String, usize)> {
 #[tokio::test]
 async fn quote_mode_answers_only_with_sentences_copied_from_the_passages() {
     let server = start_grounded_server(ServeConfig::default()).await;
-    for question in ["Can I get a refund on my annual plan?", "How do I reset my password?", "What are the API rate limits?"] {
+    for question in ["How do refunds of annual plans work?", "How do I reset my password?", "What are the API rate limits?"] {
         let body = json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 120,
                           "helpline": {"quote": true}});
         let (content, finish, _, h) = answer(&server, &body).await;

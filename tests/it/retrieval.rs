@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use helpline::retrieval::{
-    build_index, eval, is_relevant, FileStatus, Filters, IndexOptions, IndexReport, KnowledgeBase, RetrievalError, DEFAULT_MIN_SCORE,
+    build_index, eval, FileStatus, Filters, IndexOptions, IndexReport, KnowledgeBase, RetrievalError, DEFAULT_MIN_SCORE,
 };
 use tempfile::TempDir;
 
-use crate::support::{helpline_bin, root};
+use crate::support::{self, helpline_bin, root};
 
 fn article(id: &str, status: &str, body: &str) -> String {
     format!("---\nid: {id}\ntitle: Title of {id}\nstatus: {status}\nupdated: 2026-01-15\nproduct_area: billing\n---\n{body}")
@@ -40,13 +40,13 @@ impl Fixture {
         Fixture { _tmp: tmp, docs, index }
     }
     fn opts(&self) -> IndexOptions {
-        IndexOptions { docs_dir: self.docs.clone(), index_dir: self.index.clone() }
+        support::index_options(&self.docs.clone(), &self.index.clone())
     }
     fn build(&self) -> IndexReport {
         build_index(&self.opts()).unwrap()
     }
     fn kb(&self) -> KnowledgeBase {
-        KnowledgeBase::open(&self.index).unwrap()
+        support::open_kb(&self.index).unwrap()
     }
 }
 
@@ -108,7 +108,7 @@ fn markdown_text_and_html_are_parsed_into_sectioned_chunks() {
         assert!(!text.contains(banned), "{banned:?} leaked into {text}");
     }
     // Script content is not searchable either.
-    assert!(kb.search("scriptword", 5, &Filters::default()).unwrap().is_empty());
+    assert!(kb.search_lexical("scriptword", 5, &Filters::default()).unwrap().is_empty());
     // The title is searchable, and passages carry bounded plain-text snippets.
     let hits = kb.search("2,000 rows PDF", 3, &Filters::default()).unwrap();
     assert_eq!(hits[0].doc_id, "pdf-export");
@@ -176,9 +176,9 @@ fn every_per_file_error_is_reported_naming_the_file_and_the_rest_still_indexes()
 #[test]
 fn missing_docs_dir_and_locked_index_are_fatal() {
     let fx = Fixture::new(&[("a.md", article("a", "approved", "x\n"))]);
-    let bad = IndexOptions { docs_dir: fx.docs.join("nope"), index_dir: fx.index.clone() };
+    let bad = support::index_options(&fx.docs.join("nope"), &fx.index.clone());
     assert!(matches!(build_index(&bad), Err(RetrievalError::DocsDir { .. })));
-    assert!(matches!(KnowledgeBase::open(&fx.index), Err(RetrievalError::NoIndex { .. })));
+    assert!(matches!(support::open_kb(&fx.index), Err(RetrievalError::NoIndex { .. })));
 
     fx.build();
     let index = tantivy::Index::open_in_dir(&fx.index).unwrap();
@@ -217,7 +217,7 @@ fn rebuild_is_incremental_and_versioned() {
     assert_ne!(edited.version, first.version);
     kb.reload().unwrap();
     assert_eq!(kb.version(), edited.version);
-    assert!(kb.search("beta", 5, &Filters::default()).unwrap().is_empty());
+    assert!(kb.search_lexical("beta", 5, &Filters::default()).unwrap().is_empty());
     assert_eq!(kb.search("delta", 5, &Filters::default()).unwrap()[0].doc_id, "two");
     assert_eq!(kb.num_chunks(), 3);
 
@@ -253,14 +253,14 @@ fn an_index_from_another_analyzer_version_is_refused_then_fully_rebuilt() {
         prepared.set_payload(r#"{"schema":"helpline-retrieval-0","files":{}}"#);
         prepared.commit().unwrap();
     }
-    let err = KnowledgeBase::open(&fx.index).unwrap_err();
+    let err = support::open_kb(&fx.index).unwrap_err();
     assert!(err.to_string().contains("helpline index"), "{err}");
     let report = fx.build();
     assert_eq!((report.indexed(), report.unchanged()), (2, 0));
     let kb = fx.kb();
     assert_eq!(kb.num_chunks(), 2);
     // Old documents were replaced, not duplicated.
-    assert_eq!(kb.search("alpha", 10, &Filters::default()).unwrap().len(), 1);
+    assert_eq!(kb.search_lexical("alpha", 10, &Filters::default()).unwrap().len(), 1);
 }
 
 #[test]
@@ -280,7 +280,7 @@ fn readers_keep_answering_during_a_rebuild_and_see_it_after_reload() {
         std::thread::spawn(move || {
             // Every answer is all-old or all-new: 30 hits for exactly one of the two words.
             for _ in 0..300 {
-                let old = kb.search("original", 50, &Filters::default()).unwrap().len();
+                let old = kb.search_lexical("original", 50, &Filters::default()).unwrap().len();
                 let new = kb.search("revised", 50, &Filters::default()).unwrap().len();
                 assert!(old == 30 || new == 30, "half-built state: {old} old, {new} new");
             }
@@ -293,7 +293,7 @@ fn readers_keep_answering_during_a_rebuild_and_see_it_after_reload() {
     assert_eq!(kb.version(), second.version);
     assert_ne!(first.version, second.version);
     assert_eq!(kb.search("revised payments", 50, &Filters::default()).unwrap().len(), 30);
-    assert!(kb.search("original", 50, &Filters::default()).unwrap().is_empty());
+    assert!(kb.search_lexical("original", 50, &Filters::default()).unwrap().is_empty());
 }
 
 /// The real docs-corpus, indexed once per test run.
@@ -302,8 +302,8 @@ fn corpus() -> &'static (KnowledgeBase, IndexReport) {
     KB.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("retrieval-corpus-index");
         let _ = std::fs::remove_dir_all(&dir);
-        let report = build_index(&IndexOptions { docs_dir: root().join("docs-corpus"), index_dir: dir.clone() }).unwrap();
-        (KnowledgeBase::open(&dir).unwrap(), report)
+        let report = build_index(&support::index_options(&root().join("docs-corpus"), &dir.clone())).unwrap();
+        (support::open_kb(&dir).unwrap(), report)
     })
 }
 
@@ -358,7 +358,7 @@ fn user_text_cannot_break_or_steer_the_query() {
     }
     assert!(kb.search("", 5, &Filters::default()).unwrap().is_empty());
     assert!(kb.search("refund", 0, &Filters::default()).unwrap().is_empty());
-    assert!(!is_relevant(&kb.search("the and of", 5, &Filters::default()).unwrap(), DEFAULT_MIN_SCORE));
+    assert!(kb.search("the and of", 5, &Filters::default()).unwrap().is_empty(), "stop words alone find nothing");
 }
 
 #[test]
@@ -409,24 +409,19 @@ fn follow_ups_find_the_topic_of_earlier_turns() {
     assert_eq!(switched[0].doc_id, "api-rate-limits");
 }
 
-/// Thresholds sit a little below what this corpus and question set measured (recall@3 0.859,
-/// recall@5 0.901, MRR 0.780; gate at the default: refusal precision 0.818, recall 0.346,
-/// accuracy 0.887); see docs/grounding.md.
+/// Thresholds sit a little below what hybrid retrieval (BM25 and sentence embeddings) measured on
+/// this corpus and question set (recall@3 0.944, recall@5 0.965, MRR 0.876; see docs/grounding.md).
+/// The refusal side is the turn's gate, measured by `helpline eval --answers` (tests/it/answers.rs).
 #[test]
-fn eval_set_recall_and_refusals_stay_above_thresholds() {
+fn eval_set_recall_stays_above_thresholds() {
     let (kb, _) = corpus();
     let cases = eval::load_cases(&root().join("eval/grounding.jsonl")).unwrap();
     assert!(cases.len() >= 75);
     let r = eval::evaluate(kb, &cases, DEFAULT_MIN_SCORE).unwrap();
     let summary = r.to_string();
-    assert!(r.recall_at_3 >= 0.82, "{summary}");
-    assert!(r.recall_at_5 >= 0.86, "{summary}");
-    assert!(r.mrr >= 0.74, "{summary}");
-    assert!(r.refusal_precision >= 0.75, "{summary}");
-    assert!(r.refusal_recall >= 0.38, "{summary}");
-    assert!(r.gate_accuracy >= 0.87, "{summary}");
-    let false_refusals = r.misses.iter().filter(|m| matches!(m.kind, eval::MissKind::FalseRefusal)).count();
-    assert!(false_refusals * 100 <= r.answerable * 3, "{summary}");
+    assert!(r.recall_at_3 >= 0.92, "{summary}");
+    assert!(r.recall_at_5 >= 0.95, "{summary}");
+    assert!(r.mrr >= 0.85, "{summary}");
 }
 
 fn run(args: &[&str]) -> std::process::Output {

@@ -173,6 +173,7 @@ fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
 
+/// A chat request answered by the model itself (grounding off): these tests are about serving.
 fn chat_body(content: &str, max_tokens: usize, stream: bool) -> String {
     serde_json::json!({
         "model": "smollm2-135m-instruct",
@@ -180,6 +181,7 @@ fn chat_body(content: &str, max_tokens: usize, stream: bool) -> String {
         "temperature": 0,
         "max_tokens": max_tokens,
         "stream": stream,
+        "helpline": {"grounding": false},
     })
     .to_string()
 }

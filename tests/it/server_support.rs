@@ -96,6 +96,7 @@ pub async fn serve_app(app: Router, state: SharedState) -> TestServer {
     if state.policy().is_err() {
         state.set_policy(support::policy());
     }
+    state.set_embedder(support::embedder());
     // Every chat turn is stored: a SQLite store in a fresh directory unless the config names one
     // (a test that points `data_dir` or `database_url` somewhere keeps it).
     let mut data = None;

@@ -121,7 +121,7 @@ async fn json_schema_answers_validate_streamed_or_not_and_the_pack_still_applies
     // phrase would complete; the answer ends with content_filter, the text is never sent whole.
     let forced = json!({"type": "object", "properties": {"reply": {"type": "string", "enum": ["Good news: I will refund you today."]}},
                         "required": ["reply"], "additionalProperties": false});
-    let body = chat("Can I have my money back?", json_schema(forced));
+    let body = chat("Write the reply to the customer.", json_schema(forced));
     let resp = ok(&server.post_json("/v1/chat/completions", &body).await);
     let choice = &resp["choices"][0];
     assert_eq!(choice["finish_reason"], "content_filter", "{resp}");

@@ -55,16 +55,39 @@ pub fn helpline_bin() -> std::process::Command {
     cmd
 }
 
+/// The sentence-embedding model (all-MiniLM-L6-v2 from the models directory), loaded once per test
+/// binary; its cache of embedded texts makes rebuilding indexes of the same docs cheap.
+pub fn embedder() -> std::sync::Arc<helpline::embed::Embedder> {
+    static E: OnceLock<std::sync::Arc<helpline::embed::Embedder>> = OnceLock::new();
+    E.get_or_init(|| {
+        let spec = helpline::model::fetch::EMBEDDING_MODEL;
+        let dir = root().join("models").join(spec.dir_name);
+        let e = helpline::embed::Embedder::load(&dir, spec.embed_files()).expect("embedding model present: run `helpline models pull`");
+        std::sync::Arc::new(e.with_disk_cache(&dir.join(helpline::embed::CACHE_FILE)))
+    })
+    .clone()
+}
+
+/// Index options for `docs` into `index` with the test embedder.
+pub fn index_options(docs: &std::path::Path, index: &std::path::Path) -> helpline::retrieval::IndexOptions {
+    helpline::retrieval::IndexOptions { docs_dir: docs.to_path_buf(), index_dir: index.to_path_buf(), embedder: embedder() }
+}
+
+/// Opens an index with the test embedder.
+pub fn open_kb(index: &std::path::Path) -> Result<helpline::retrieval::KnowledgeBase, helpline::retrieval::RetrievalError> {
+    helpline::retrieval::KnowledgeBase::open(index, embedder())
+}
+
 /// The real default knowledge base: `docs-corpus/` indexed once per test binary into a temporary
 /// directory (the same code path as `helpline index`). Returns the index directory and an open base.
 pub fn knowledge() -> &'static (tempfile::TempDir, helpline::retrieval::KnowledgeBase) {
     static K: OnceLock<(tempfile::TempDir, helpline::retrieval::KnowledgeBase)> = OnceLock::new();
     K.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir");
-        let opts = helpline::retrieval::IndexOptions { docs_dir: root().join("docs-corpus"), index_dir: dir.path().to_path_buf() };
+        let opts = index_options(&root().join("docs-corpus"), dir.path());
         let report = helpline::retrieval::build_index(&opts).expect("docs-corpus indexes");
         assert_eq!(report.skipped(), 0, "every docs-corpus file indexes:\n{report}");
-        let kb = helpline::retrieval::KnowledgeBase::open(dir.path()).expect("index opens");
+        let kb = open_kb(dir.path()).expect("index opens");
         (dir, kb)
     })
 }
