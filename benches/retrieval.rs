@@ -1,12 +1,17 @@
-//! Retrieval benchmark: full index builds (documents/s, MB/s) and search latency (p50/p99 of
-//! `search_turn` over the eval questions) on the default docs-corpus and on a synthetic corpus 100x
-//! its size generated from it.
+//! Retrieval benchmark: full index builds with embeddings (documents/s, MB/s, vectors computed and
+//! the time per vector), search latency (p50/p99 of `search_turn` over the eval questions, the
+//! question's embedding included), and the embedding cost of one question, on the default
+//! docs-corpus and on a synthetic corpus 100x its size generated from it.
 //!
-//! `cargo bench --bench retrieval` prints a table; `cargo bench --bench retrieval -- --json` prints
-//! one JSON object per corpus.
+//! Every build starts with an empty embedding cache (nothing on disk, nothing in memory), so the
+//! build times include embedding every unit. `cargo bench --bench retrieval` prints a table;
+//! `-- --json` one JSON object per corpus; `-- --quick` builds the synthetic corpus at 10x.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
+
+use helpline::embed::Embedder;
 
 use helpline::retrieval::{build_index, eval, Filters, IndexOptions, KnowledgeBase};
 use rand::rngs::StdRng;
@@ -22,6 +27,10 @@ struct Row {
     chunks: usize,
     megabytes: f64,
     build_s: f64,
+    units: usize,
+    vectors: usize,
+    ms_per_vector: f64,
+    query_embed_ms_p50: f64,
     searches: usize,
     p50_us: f64,
     p99_us: f64,
@@ -35,35 +44,40 @@ fn main() {
     let tmp = tempfile::tempdir().expect("temp dir");
 
     let synthetic = tmp.path().join("synthetic");
-    let generated = generate(&corpus, &synthetic, 100, 7);
+    let copies = if std::env::args().any(|a| a == "--quick") { 10 } else { 100 };
+    let generated = generate(&corpus, &synthetic, copies, 7);
     let rows = vec![
-        measure("docs-corpus", &corpus, tmp.path(), &cases, 30),
-        measure(&format!("synthetic 100x ({generated} files)"), &synthetic, tmp.path(), &cases, 5),
+        measure("docs-corpus", &corpus, tmp.path(), &cases, 30, BUILDS),
+        measure(&format!("synthetic {copies}x ({generated} files)"), &synthetic, tmp.path(), &cases, 5, 1),
     ];
     if json {
         for r in &rows {
             let v = serde_json::json!({
                 "corpus": r.corpus, "files": r.files, "documents": r.documents, "chunks": r.chunks,
-                "megabytes": r.megabytes, "build_s": r.build_s,
+                "megabytes": r.megabytes, "build_s": r.build_s, "units": r.units, "vectors": r.vectors,
+                "embed_ms_per_vector": r.ms_per_vector, "query_embed_ms_p50": r.query_embed_ms_p50,
                 "docs_per_s": r.documents as f64 / r.build_s, "mb_per_s": r.megabytes / r.build_s,
                 "searches": r.searches, "search_p50_us": r.p50_us, "search_p99_us": r.p99_us,
             });
             println!("{v}");
         }
     } else {
-        println!("| corpus | files | docs | chunks | MB | build s (median of {BUILDS}) | docs/s | MB/s | searches | p50 µs | p99 µs |");
-        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!("| corpus | files | docs | chunks | units | vectors | MB | build s | docs/s | ms per vector | question embedding p50 ms | searches | search p50 µs | p99 µs |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for r in &rows {
             println!(
-                "| {} | {} | {} | {} | {:.2} | {:.3} | {:.0} | {:.2} | {} | {:.0} | {:.0} |",
+                "| {} | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.2} | {:.1} | {} | {:.0} | {:.0} |",
                 r.corpus,
                 r.files,
                 r.documents,
                 r.chunks,
+                r.units,
+                r.vectors,
                 r.megabytes,
                 r.build_s,
                 r.documents as f64 / r.build_s,
-                r.megabytes / r.build_s,
+                r.ms_per_vector,
+                r.query_embed_ms_p50,
                 r.searches,
                 r.p50_us,
                 r.p99_us
@@ -72,20 +86,42 @@ fn main() {
     }
 }
 
-fn measure(name: &str, docs: &Path, tmp: &Path, cases: &[eval::EvalCase], reps: usize) -> Row {
+/// A fresh embedder: no disk cache, an empty memory cache.
+fn embedder() -> Arc<Embedder> {
+    let spec = helpline::model::fetch::EMBEDDING_MODEL;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(spec.dir_name);
+    Arc::new(Embedder::load(&dir, spec.embed_files()).expect("the embedding model: run `helpline models pull`"))
+}
+
+fn measure(name: &str, docs: &Path, tmp: &Path, cases: &[eval::EvalCase], reps: usize, builds: usize) -> Row {
     let mut times = Vec::new();
     let mut last = None;
-    for i in 0..BUILDS {
-        // A fresh directory each time: this measures a full build, not an incremental no-op.
+    let mut per_vector = Vec::new();
+    for i in 0..builds {
+        // A fresh directory and embedder each time: a full build with every unit embedded.
         let index_dir = tmp.join(format!("index-{}-{i}", name.len()));
+        let e = embedder();
         let start = Instant::now();
-        let report = build_index(&IndexOptions { docs_dir: docs.to_path_buf(), index_dir: index_dir.clone() }).expect("build");
+        let report = build_index(&IndexOptions { docs_dir: docs.to_path_buf(), index_dir: index_dir.clone(), embedder: e.clone() }).expect("build");
         times.push(start.elapsed().as_secs_f64());
-        last = Some((report, index_dir));
+        per_vector.push(report.embed_ms / report.embedded.max(1) as f64);
+        last = Some((report, index_dir, e));
     }
     times.sort_by(f64::total_cmp);
-    let (report, index_dir) = last.expect("at least one build");
-    let kb = KnowledgeBase::open(&index_dir).expect("open");
+    per_vector.sort_by(f64::total_cmp);
+    let (report, index_dir, e) = last.expect("at least one build");
+    // One question's embedding (a fresh embedder, so nothing is cached).
+    let fresh = embedder();
+    let mut q_ms: Vec<f64> = cases
+        .iter()
+        .map(|c| {
+            let t = Instant::now();
+            std::hint::black_box(fresh.embed_one(c.turns.last().expect("turns")).expect("embed"));
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    q_ms.sort_by(f64::total_cmp);
+    let kb = KnowledgeBase::open(&index_dir, e).expect("open");
     let mut latencies = Vec::new();
     let none = Filters::default();
     for _ in 0..reps {
@@ -107,6 +143,10 @@ fn measure(name: &str, docs: &Path, tmp: &Path, cases: &[eval::EvalCase], reps: 
         chunks: report.chunks,
         megabytes: report.bytes_read as f64 / 1e6,
         build_s: times[times.len() / 2],
+        units: report.units,
+        vectors: report.embedded,
+        ms_per_vector: per_vector[per_vector.len() / 2],
+        query_embed_ms_p50: q_ms[q_ms.len() / 2],
         searches: latencies.len(),
         p50_us: pct(0.5),
         p99_us: pct(0.99),

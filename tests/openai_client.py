@@ -77,10 +77,11 @@ def main():
         fail(f"the answer came in {len(deltas)} delta(s); expected it token by token")
     print(f"stream: {len(deltas)} deltas in {chunks} chunks")
 
-    # A support question with the API's defaults: grounded, assembled from the approved article,
-    # cited (Helpline's report arrives as an extra field).
+    # A support question, grounded: assembled from the approved article and cited (Helpline's
+    # report arrives as an extra field).
     question = [{"role": "user", "content": "How do I reset my password?"}]
-    reply = client.chat.completions.create(model=model, messages=question)
+    grounded = {"helpline": {"grounding": True}}
+    reply = client.chat.completions.create(model=model, messages=question, extra_body=grounded)
     content = reply.choices[0].message.content or ""
     if "Send reset link" not in content or "[1]" not in content:
         fail(f"the grounded answer lacks the article's steps or its marker: {content!r}")
@@ -90,7 +91,7 @@ def main():
         fail(f"the grounded answer does not cite the password-reset article: {cited!r}")
     streamed = "".join(
         c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(model=model, messages=question, stream=True)
+        for c in client.chat.completions.create(model=model, messages=question, stream=True, extra_body=grounded)
         if c.choices
     )
     if streamed != content:

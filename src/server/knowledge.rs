@@ -160,6 +160,12 @@ pub async fn reindex(state: &SharedState) -> Result<ReloadResponse, ApiError> {
             Err(_) => KnowledgeBase::open(&g.index_dir, embedder.clone()).map_err(retrieval_error)?,
         };
         st.set_knowledge(kb.clone());
+        if let Ok(policy) = st.policy() {
+            if let Err(e) = crate::turn::check_decision_articles(&policy, Some(&kb)) {
+                // The decision then quotes what retrieval finds; the pack should be fixed.
+                tracing::warn!("{e}");
+            }
+        }
         let status = status_of(&kb, &st);
         let changed = before.as_deref() != Some(status.index_version.as_str());
         let report = serde_json::to_value(&report).map_err(ApiError::internal)?;

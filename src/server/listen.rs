@@ -193,6 +193,9 @@ fn load_model(state: &AppState) -> Result<(), String> {
         state.set_embedder(Arc::new(embedder));
     }
     open_knowledge(state)?;
+    if let Ok(policy) = state.policy() {
+        crate::turn::check_decision_articles(&policy, state.knowledge().ok().as_ref()).map_err(|e| format!("{e}; fix the pack or the docs"))?;
+    }
     let start = Instant::now();
     let path = fetch::resolve_model_arg(cfg.model.as_deref(), &HubConfig::from_env(), &mut |msg| eprintln!("{msg}"))
         .map_err(|e| format!("cannot find the model: {e}"))?;

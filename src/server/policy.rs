@@ -82,6 +82,8 @@ pub async fn reload(State(state): State<SharedState>) -> Result<Json<PolicyStatu
     let st = state.clone();
     let loaded = tokio::task::spawn_blocking(move || -> Result<ActivePolicy, String> {
         let p = ActivePolicy::load(&st.config.grounding.policy_file).map_err(|e| e.to_string())?;
+        // Every article a decision rule quotes is in the index.
+        crate::turn::check_decision_articles(&p, st.knowledge().ok().as_ref())?;
         // The new pack's grammars compile before it is put in force (never a half-working pack).
         if let Ok(l) = st.loaded() {
             p.precompile(&l.guard, st.config.grounding.passages).map_err(|e| format!("the pack's grammar does not compile: {e}"))?;

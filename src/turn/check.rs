@@ -87,7 +87,8 @@ impl Checker {
         }
         let trailing = &raw[raw.trim_end().len()..];
         let leading = &raw[..raw.len() - raw.trim_start().len()];
-        let key = normalize_quote(body);
+        // A list marker does not make a sentence new ("3. Click Save." after "2. Click Save.").
+        let key = normalize_quote(strip_list_marker(body));
         if key.is_empty() {
             return raw.to_string();
         }
@@ -228,7 +229,15 @@ pub fn sentence_end(held: &str) -> Option<usize> {
             if j >= b.len() {
                 return None; // wait for what follows: a decimal point, or the end
             }
-            if b[j] == b' ' || b[j] == b'\n' {
+            if b[j] == b'\n' {
+                // The line break belongs to the sentence it ends.
+                let mut k = j;
+                while k < b.len() && b[k] == b'\n' {
+                    k += 1;
+                }
+                return Some(k);
+            }
+            if b[j] == b' ' {
                 let mut k = j;
                 while k < b.len() && b[k] == b' ' {
                     k += 1;
@@ -248,6 +257,20 @@ pub fn sentence_end(held: &str) -> Option<usize> {
         i += 1;
     }
     None
+}
+
+fn strip_list_marker(s: &str) -> &str {
+    let t = s.trim_start();
+    if let Some(rest) = t.strip_prefix("- ").or_else(|| t.strip_prefix("* ")) {
+        return rest;
+    }
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    if digits > 0 && digits <= 3 {
+        if let Some(rest) = t[digits..].strip_prefix(". ").or_else(|| t[digits..].strip_prefix(") ")) {
+            return rest;
+        }
+    }
+    t
 }
 
 fn cited_numbers(s: &str) -> Vec<usize> {
@@ -408,6 +431,15 @@ mod tests {
         assert_eq!(out, "");
         assert_eq!(c.report.dropped, 2);
         assert_eq!(c.report.failures[0], "commitment");
+    }
+
+    #[test]
+    fn a_repeated_list_item_is_dropped_whatever_its_number() {
+        let mut c = Checker::new(None, Box::new(|_: &str| false), &[]);
+        let mut out = c.push("1. Open Settings.\n2. Click on Save.\n3. Click on Save.\n4. Click on Save.\n");
+        out.push_str(&c.finish());
+        assert_eq!(out, "1. Open Settings.\n2. Click on Save.\n");
+        assert_eq!(c.report.dropped, 2);
     }
 
     #[test]
