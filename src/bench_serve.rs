@@ -72,6 +72,9 @@ pub struct ServeBenchArgs {
     /// docs (retrieval in the measured time), `false` plain chat. Not sent when absent.
     #[arg(long, value_name = "BOOL")]
     pub grounding: Option<bool>,
+    /// Send `helpline.answer_mode` (`assembled`, `generative` or `quote`; Helpline servers only).
+    #[arg(long)]
+    pub answer_mode: Option<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -106,6 +109,7 @@ impl ServeBenchArgs {
             warmup: self.warmup,
             timeout: Duration::from_secs(self.timeout_secs),
             grounding: self.grounding,
+            answer_mode: self.answer_mode.clone(),
         })
     }
 }
@@ -131,6 +135,8 @@ pub struct ServeBenchConfig {
     pub timeout: Duration,
     /// `helpline.grounding` sent with each request; `None` sends nothing (any OpenAI server).
     pub grounding: Option<bool>,
+    /// `helpline.answer_mode` sent with each request.
+    pub answer_mode: Option<String>,
 }
 
 impl ServeBenchConfig {
@@ -148,6 +154,7 @@ impl ServeBenchConfig {
             warmup: 0,
             timeout: Duration::from_secs(600),
             grounding: None,
+            answer_mode: None,
         }
     }
 
@@ -405,6 +412,7 @@ pub async fn run(cfg: ServeBenchConfig) -> Result<Report> {
         deadline,
         timeout: cfg.timeout,
         grounding: cfg.grounding,
+        answer_mode: cfg.answer_mode.clone(),
     });
     let mut slots: Vec<Option<Conn>> = (0..cfg.concurrency).map(|_| None).collect();
     let mut timed_out = false;
@@ -429,6 +437,7 @@ struct Shared {
     deadline: Instant,
     timeout: Duration,
     grounding: Option<bool>,
+    answer_mode: Option<String>,
 }
 
 impl Shared {
@@ -446,7 +455,10 @@ impl Shared {
             "temperature": self.temperature,
         });
         if let Some(g) = self.grounding {
-            body["helpline"] = serde_json::json!({ "grounding": g });
+            body["helpline"]["grounding"] = serde_json::json!(g);
+        }
+        if let Some(m) = &self.answer_mode {
+            body["helpline"]["answer_mode"] = serde_json::json!(m);
         }
         let body = body.to_string();
         let ep = &self.endpoint;

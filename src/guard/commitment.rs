@@ -102,10 +102,21 @@ fn words_between(text: &str, from: usize, to: usize) -> usize {
     text[from..to].split_whitespace().count()
 }
 
+/// A bare assent: on its own, "Yes." answers whatever the customer asked for.
+const ASSENTS: &[&str] = &[
+    "yes", "yes of course", "of course", "absolutely", "definitely", "sure", "certainly", "yes absolutely", "yes definitely", "yes sure",
+    "yes we will", "yes i will", "yes i can", "yes we can", "no problem", "sure thing", "will do", "done", "yep", "yeah", "ok", "okay",
+];
+
 /// Whether `sentence` commits the bot or the company to something for the customer.
 pub fn detect(sentence: &str) -> Option<Commitment> {
     let c = compiled();
     let text = normalize(sentence);
+    let bare: String = text.chars().filter(|ch| ch.is_alphanumeric() || ch.is_whitespace()).collect();
+    let bare = bare.split_whitespace().collect::<Vec<_>>().join(" ");
+    if ASSENTS.contains(&bare.as_str()) {
+        return Some(Commitment { what: "assent".into(), evidence: bare });
+    }
     if let Some(m) = c.offers.find(&text) {
         if !negated(c, &text, m.start()) {
             return Some(Commitment { what: "offer".into(), evidence: m.as_str().to_string() });
@@ -175,6 +186,8 @@ mod tests {
             "We'll cover the cost of the extra seats.",
             "I will make an exception for you this time.",
             "You will get your money back.",
+            "Yes.",
+            "Of course!",
         ] {
             assert!(detect(s).is_some(), "missed: {s}");
         }
