@@ -174,7 +174,7 @@ pub async fn run(deps: &Deps, cases: &[Case], mode: Mode, flagger: Option<&Match
             question: case.turns.last().cloned().unwrap_or_default(),
             repeated: repeated_sentences(&text),
             flags: flagger.map(|m| m.hits(&text)).unwrap_or_default(),
-            offered_person: crate::turn::precheck::offers_person(&text) || f.info.handoff.as_ref().is_some_and(|h| h.offered),
+            offered_person: f.info.handoff.as_ref().is_some_and(|h| h.offered) || crate::turn::precheck::offers_person(&text),
             text,
             status,
             action: guard.map(|g| g.action.as_str()).unwrap_or("none").to_string(),

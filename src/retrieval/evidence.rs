@@ -354,9 +354,12 @@ impl EvidenceTable {
         Self::dots(&self.vectors, self.dim, self.units.len(), query)
     }
 
-    /// Cosine similarity of `query` with every unit's text alone.
-    pub fn plain_similarities(&self, query: &[f32]) -> Vec<f32> {
-        Self::dots(&self.plain, self.dim, self.units.len(), query)
+    /// Cosine similarity of `query` with unit `i`'s text alone.
+    pub fn plain_similarity(&self, i: usize, query: &[f32]) -> f32 {
+        if query.len() != self.dim || self.plain.len() < (i + 1) * self.dim {
+            return 0.0;
+        }
+        crate::embed::dot(&self.plain[i * self.dim..(i + 1) * self.dim], query)
     }
 
     fn dots(vectors: &[f32], dim: usize, n: usize, query: &[f32]) -> Vec<f32> {

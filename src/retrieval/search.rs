@@ -105,10 +105,8 @@ pub struct Retrieval {
     pub passages: Vec<Passage>,
     /// The question's unit vector.
     pub query_vector: Vec<f32>,
-    /// Every evidence unit's cosine similarity to the question, in unit order: read in context, and
-    /// its text alone.
+    /// Every evidence unit's cosine similarity to the question (read in context), in unit order.
     pub similarities: Vec<f32>,
-    pub plain_similarities: Vec<f32>,
     /// The evidence of the version searched.
     pub evidence: Arc<EvidenceTable>,
     /// Analyzed query terms with their weights (1 for the latest message, less for earlier ones).
@@ -120,6 +118,14 @@ pub struct Retrieval {
     pub unknown: f32,
     /// Time spent embedding the question.
     pub embed_ms: f64,
+}
+
+impl Retrieval {
+    /// Unit `i`'s text alone against the question (computed on demand: only the units of the
+    /// candidate articles need it).
+    pub fn plain_similarity(&self, i: usize) -> f32 {
+        self.evidence.plain_similarity(i, &self.query_vector)
+    }
 }
 
 /// A searchable, cheaply clonable handle on a built index. The reader reloads by itself shortly
@@ -299,7 +305,6 @@ impl KnowledgeBase {
         };
         let embed_ms = embed_started.elapsed().as_secs_f64() * 1e3;
         let similarities = evidence.similarities(&query_vector);
-        let plain_similarities = evidence.plain_similarities(&query_vector);
         // Text with no searchable word (blank, stop words, punctuation) finds nothing.
         let passages = if terms.is_empty() { Vec::new() } else { self.search_hybrid(&searcher, &evidence, &terms, &similarities, k, filters)? };
         let unknown = {
@@ -318,7 +323,6 @@ impl KnowledgeBase {
             passages,
             query_vector,
             similarities,
-            plain_similarities,
             evidence,
             terms: terms.iter().map(|t| (t.text.clone(), t.weight)).collect(),
             follow_up,
@@ -590,18 +594,31 @@ impl KnowledgeBase {
                 && locale.as_ref().is_none_or(|l| &u.locale == l)
                 && (filters.doc_id.is_empty() || filters.doc_id.iter().any(|d| d.trim().eq_ignore_ascii_case(&u.doc_id)))
         };
+        // Units of one chunk are contiguous: one pass, one map entry per chunk that is close.
         let mut best_unit: HashMap<&str, f32> = HashMap::new();
-        for (u, &sim) in evidence.units.iter().zip(similarities) {
-            if allowed(u) {
-                let e = best_unit.entry(u.chunk_id.as_str()).or_insert(f32::MIN);
-                *e = e.max(sim);
+        let mut i = 0;
+        while i < evidence.units.len() {
+            let chunk = evidence.units[i].chunk_id.as_str();
+            let mut j = i;
+            let mut best = f32::MIN;
+            while j < evidence.units.len() && evidence.units[j].chunk_id == chunk {
+                best = best.max(similarities.get(j).copied().unwrap_or(f32::MIN));
+                j += 1;
             }
+            if allowed(&evidence.units[i]) {
+                best_unit.insert(chunk, best);
+            }
+            i = j;
         }
         // A chunk enters by similarity alone only when it is close enough: text with nothing in
         // common with the docs gets no nearest neighbours passed off as results.
         let mut dense: Vec<(&str, f32)> = best_unit.iter().filter(|(_, s)| **s >= DENSE_FLOOR).map(|(c, s)| (*c, *s)).collect();
-        dense.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        dense.truncate(limit);
+        let order = |a: &(&str, f32), b: &(&str, f32)| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0));
+        if dense.len() > limit {
+            dense.select_nth_unstable_by(limit, order);
+            dense.truncate(limit);
+        }
+        dense.sort_by(order);
 
         // Reciprocal-rank fusion.
         let knob = |name: &str, d: f32| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(d);

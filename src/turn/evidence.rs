@@ -275,7 +275,7 @@ pub fn select(kb: &KnowledgeBase, retrieval: &Retrieval, question: &str, restric
         .join("\n");
     let focus = scorer.focus(&all);
     let plain_similarity =
-        blocks.iter().flat_map(|b| b.units.iter()).map(|&j| retrieval.plain_similarities.get(j).copied().unwrap_or(0.0)).fold(0.0f32, f32::max);
+        blocks.iter().flat_map(|b| b.units.iter()).map(|&j| retrieval.plain_similarity(j)).fold(0.0f32, f32::max);
     let mut docs_used: Vec<&str> = Vec::new();
     for b in &blocks {
         let d = table.units[b.units[0]].doc_id.as_str();

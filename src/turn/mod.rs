@@ -688,7 +688,13 @@ fn decision(deps: &Deps, req: &Request, d: crate::guard::escalation::DecisionFir
     let guard = guard_info(policy, GuardAction::Decision, vec![d.fired.rule.clone()], Some(d.fired.reason.clone()));
     let handoff = Some(HandoffInfo { offered: true, reason: d.fired.reason.clone(), message: offer.clone(), summary: None });
     let mut info = grounding_info(GroundingStatus::Skipped);
-    let mut text = format!("{}\n\n{offer}", d.rule.reply.trim_end_matches(':').trim_end());
+    // Without evidence to quote, the reply's closing "This is what … says:" has nothing to introduce.
+    let reply = d.rule.reply.trim();
+    let bare = match reply.rfind(". ") {
+        Some(at) if reply.ends_with(':') => &reply[..at + 1],
+        _ => reply.trim_end_matches(':'),
+    };
+    let mut text = format!("{bare}\n\n{offer}");
     let mut citations = None;
     let mut index_version = None;
     let mut mode = "fixed";

@@ -76,10 +76,16 @@ pub fn accepts_offer(text: &str) -> bool {
     ACCEPT.contains(&t.as_str()) || (t.split(' ').count() <= 5 && ACCEPT.iter().any(|a| t.starts_with(&format!("{a} "))) && !text.contains('?'))
 }
 
-/// Whether a bot answer ends with the offer of a person (the closing, decision and refusal offers
-/// all say "connect you with").
+/// Whether a bot answer asks if the customer wants a person ("Would you like me to connect you
+/// with …?"): the decision, refusal and handoff offers do; the closing's "I can connect you with a
+/// member of our support team." is not a question, so "ok" after it is not a request for one.
 pub fn offers_person(text: &str) -> bool {
-    text.to_lowercase().contains("connect you with")
+    let lower = text.to_lowercase();
+    lower.match_indices("connect you with").any(|(at, _)| {
+        let rest = &lower[at..];
+        let end = rest.find(['.', '?', '!', '\n']).map(|i| &rest[i..i + 1]);
+        end == Some("?")
+    })
 }
 
 #[cfg(test)]
@@ -95,5 +101,6 @@ mod tests {
             assert!(!accepts_offer(t), "{t}");
         }
         assert!(offers_person("Would you like me to connect you with our billing team?"));
+        assert!(!offers_person("Is there anything else? If not, I can connect you with a member of our support team."));
     }
 }
