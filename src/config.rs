@@ -19,6 +19,9 @@ pub struct ServeConfig {
     pub api_key_hashes: Vec<[u8; 32]>,
     /// Allowed CORS origins; empty = CORS off.
     pub cors_origins: Vec<String>,
+    /// Host names (lower case, no port) the `Host` header may carry, besides IP literals and
+    /// `localhost` (a DNS-rebinding page presents its own name). `*` allows any.
+    pub allowed_hosts: Vec<String>,
     /// Requests waiting for a decoding slot before 429.
     pub queue_capacity: usize,
     /// Sequences decoded concurrently.
@@ -26,6 +29,23 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    /// Connections open at once, overall (more are answered 503 and closed).
+    pub max_connections: usize,
+    /// Connections open at once from one client address (more are answered 429 and closed).
+    pub max_connections_per_ip: usize,
+    /// A request body must arrive whole within this time (else 408).
+    pub body_read_timeout: Duration,
+    /// Longest a write to a client may stall (a reader that stopped reading a stream is cut).
+    pub write_timeout: Duration,
+    /// Characters one chat message may have (else 413 naming the message).
+    pub max_message_chars: usize,
+    /// Messages one chat request may hold (else 413).
+    pub max_messages: usize,
+    /// Turns one stored conversation may grow to (else 422: start a new conversation).
+    pub max_conversation_turns: i64,
+    /// Requests being validated and prepared (grammars, templates, tokenizing) at once, before
+    /// the engine's queue; more get 429.
+    pub max_preparing: usize,
     /// Most prompt tokens accepted (besides the model's context).
     pub max_prompt_tokens: usize,
     /// Most tokens a request may ask to generate (`max_tokens`).
@@ -44,6 +64,55 @@ pub struct ServeConfig {
     pub grounding: GroundingConfig,
     pub grammar: GrammarLimits,
     pub conversations: ConversationsConfig,
+    pub access: AccessConfig,
+}
+
+/// Who may do what: the admin scope's keys, which request fields a customer may use, and how
+/// customers are identified.
+#[derive(Debug, Clone)]
+pub struct AccessConfig {
+    /// sha256 digests of the admin keys: index and policy reload, metrics, raw completions,
+    /// tokenize. With none configured those routes are refused.
+    pub admin_key_hashes: Vec<[u8; 32]>,
+    /// Customers may send `helpline.grounding: false`.
+    pub customer_grounding_off: bool,
+    /// Customers may send `response_format` or `helpline.grammar`.
+    pub customer_structured_outputs: bool,
+    /// Customers may send `system` and `developer` messages.
+    pub customer_system_messages: bool,
+    /// Customers may choose `helpline.answer_mode` (or `helpline.quote`) within
+    /// `allowed_answer_modes`; otherwise they get the server's mode.
+    pub customer_answer_mode: bool,
+    /// Chat without a verified customer token: the customer's details are taken as asserted, and
+    /// conversation ids are the server's (a conversation cannot be taken over by naming it).
+    pub anonymous_chat: bool,
+    /// HS256 secret customer tokens are signed with (the company's site signs them).
+    pub customer_token_secret: Option<String>,
+    /// Or a PEM public key file: Ed25519 (EdDSA) or RSA (RS256).
+    pub customer_token_public_key: Option<PathBuf>,
+    /// That file's contents, read (and checked) when the config is loaded.
+    pub customer_token_public_key_pem: Option<Vec<u8>>,
+    /// Required `iss` and `aud` claims, when set.
+    pub customer_token_issuer: Option<String>,
+    pub customer_token_audience: Option<String>,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            admin_key_hashes: Vec::new(),
+            customer_grounding_off: false,
+            customer_structured_outputs: false,
+            customer_system_messages: false,
+            customer_answer_mode: false,
+            anonymous_chat: true,
+            customer_token_secret: None,
+            customer_token_public_key: None,
+            customer_token_public_key_pem: None,
+            customer_token_issuer: None,
+            customer_token_audience: None,
+        }
+    }
 }
 
 /// Where conversations are stored, who may read them, and where handoffs are sent.
@@ -100,14 +169,16 @@ pub struct GrammarLimits {
     pub max_bytes: usize,
     /// Nesting of JSON subschemas, or of brackets in a regex or Lark grammar.
     pub max_depth: usize,
-    /// Time to compile one, including its first mask.
+    /// Time to compile one, including its first mask (interrupted when it runs out).
     pub compile_budget: Duration,
+    /// Time for each later step of a client's constraint during decoding (interrupted too).
+    pub mask_budget: Duration,
 }
 
 impl Default for GrammarLimits {
     fn default() -> Self {
         let g = crate::guard::grammar::GuardLimits::default();
-        GrammarLimits { max_bytes: g.max_grammar_bytes, max_depth: g.max_depth, compile_budget: g.compile_budget }
+        GrammarLimits { max_bytes: g.max_grammar_bytes, max_depth: g.max_depth, compile_budget: g.compile_budget, mask_budget: Duration::from_millis(200) }
     }
 }
 
@@ -177,11 +248,20 @@ impl Default for ServeConfig {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             api_key_hashes: Vec::new(),
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             queue_capacity: 64,
             max_concurrent: 4,
             max_body_bytes: 1 << 20,
             max_header_bytes: 16 << 10,
             header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            max_connections_per_ip: 256,
+            body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
+            max_message_chars: 32_000,
+            max_messages: 256,
+            max_conversation_turns: 1000,
+            max_preparing: 16,
             max_prompt_tokens: 8192,
             max_tokens_limit: 4096,
             default_max_tokens: 512,
@@ -193,6 +273,7 @@ impl Default for ServeConfig {
             grounding: GroundingConfig::default(),
             grammar: GrammarLimits::default(),
             conversations: ConversationsConfig::default(),
+            access: AccessConfig::default(),
         }
     }
 }
@@ -224,6 +305,11 @@ pub struct ServeArgs {
     /// CORS is off unless at least one origin is given.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origin: Vec<String>,
+    /// A host name clients reach the server by, e.g. support.example.com (repeatable; env
+    /// HELPLINE_ALLOWED_HOST as a comma-separated list; `*` allows any). IP addresses and
+    /// localhost are always accepted; other `Host` headers are refused (DNS rebinding).
+    #[arg(long = "allowed-host", value_name = "HOST")]
+    pub allowed_host: Vec<String>,
     /// Requests that may wait for a decoding slot; beyond this the server answers 429 (default 64).
     #[arg(long)]
     pub queue_capacity: Option<usize>,
@@ -239,6 +325,30 @@ pub struct ServeArgs {
     /// Seconds a client has to send its complete request headers (default 10).
     #[arg(long)]
     pub header_read_timeout_secs: Option<u64>,
+    /// Connections open at once, overall (default 1024); more are answered 503.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Connections open at once from one client address (default 256); more are answered 429.
+    #[arg(long)]
+    pub max_connections_per_ip: Option<usize>,
+    /// Seconds a client has to send a whole request body (default 30); else 408.
+    #[arg(long)]
+    pub body_read_timeout_secs: Option<u64>,
+    /// Seconds a write to a client may stall before the connection is closed (default 60).
+    #[arg(long)]
+    pub write_timeout_secs: Option<u64>,
+    /// Characters one chat message may have (default 32000).
+    #[arg(long)]
+    pub max_message_chars: Option<usize>,
+    /// Messages one chat request may hold (default 256).
+    #[arg(long)]
+    pub max_messages: Option<usize>,
+    /// Turns a stored conversation may grow to (default 1000).
+    #[arg(long)]
+    pub max_conversation_turns: Option<u64>,
+    /// Requests being prepared (grammar, template, tokenizing) at once before the queue (default 16).
+    #[arg(long)]
+    pub max_preparing: Option<usize>,
     /// Most prompt tokens accepted per request (default 8192).
     #[arg(long)]
     pub max_prompt_tokens: Option<usize>,
@@ -316,6 +426,9 @@ pub struct ServeArgs {
     /// Longest a request's structured-output constraint may take to compile, in milliseconds (default 500).
     #[arg(long)]
     pub grammar_compile_ms: Option<u64>,
+    /// Longest one decoding step of a request's constraint may take, in milliseconds (default 200).
+    #[arg(long)]
+    pub grammar_mask_ms: Option<u64>,
     /// Where conversations are stored with SQLite (default data).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -338,6 +451,41 @@ pub struct ServeArgs {
     /// File of agent keys as sha256 hex digests, one per line.
     #[arg(long, value_name = "FILE")]
     pub agent_api_keys_file: Option<PathBuf>,
+    /// Accept this key for admin routes (index and policy reload, metrics, raw completions,
+    /// tokenize); repeatable. Without one those routes are refused.
+    #[arg(long = "admin-api-key", value_name = "KEY")]
+    pub admin_api_key: Vec<String>,
+    /// File of admin keys as sha256 hex digests, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub admin_api_keys_file: Option<PathBuf>,
+    /// `true`: customers may send `helpline.grounding: false` (default false).
+    #[arg(long, value_name = "BOOL")]
+    pub customer_grounding_off: Option<bool>,
+    /// `true`: customers may send `response_format` / `helpline.grammar` (default false).
+    #[arg(long, value_name = "BOOL")]
+    pub customer_structured_outputs: Option<bool>,
+    /// `true`: customers may send `system` and `developer` messages (default false).
+    #[arg(long, value_name = "BOOL")]
+    pub customer_system_messages: Option<bool>,
+    /// `true`: customers may choose `helpline.answer_mode` (default false).
+    #[arg(long, value_name = "BOOL")]
+    pub customer_answer_mode: Option<bool>,
+    /// `true` (default): chat without a verified customer token is allowed, the customer's details
+    /// taken as asserted; `false`: every chat needs a customer token.
+    #[arg(long, value_name = "BOOL")]
+    pub anonymous_chat: Option<bool>,
+    /// HS256 secret (at least 32 bytes) customer tokens are signed with.
+    #[arg(long)]
+    pub customer_token_secret: Option<String>,
+    /// PEM public key (Ed25519 for EdDSA, RSA for RS256) customer tokens are signed for.
+    #[arg(long, value_name = "FILE")]
+    pub customer_token_public_key: Option<PathBuf>,
+    /// Required `iss` claim of customer tokens.
+    #[arg(long)]
+    pub customer_token_issuer: Option<String>,
+    /// Required `aud` claim of customer tokens.
+    #[arg(long)]
+    pub customer_token_audience: Option<String>,
     /// POST handoff summaries to this http:// URL (signed with handoff_webhook_secret).
     #[arg(long, value_name = "URL")]
     pub handoff_webhook_url: Option<String>,
@@ -403,11 +551,20 @@ pub const SETTINGS: &[&str] = &[
     "api_key",
     "api_keys_file",
     "cors_origin",
+    "allowed_host",
     "queue_capacity",
     "max_concurrent",
     "max_body_bytes",
     "max_header_bytes",
     "header_read_timeout_secs",
+    "max_connections",
+    "max_connections_per_ip",
+    "body_read_timeout_secs",
+    "write_timeout_secs",
+    "max_message_chars",
+    "max_messages",
+    "max_conversation_turns",
+    "max_preparing",
     "max_prompt_tokens",
     "max_tokens_limit",
     "default_max_tokens",
@@ -432,6 +589,7 @@ pub const SETTINGS: &[&str] = &[
     "max_grammar_bytes",
     "max_grammar_depth",
     "grammar_compile_ms",
+    "grammar_mask_ms",
     "data_dir",
     "database_url",
     "store_sync",
@@ -439,6 +597,17 @@ pub const SETTINGS: &[&str] = &[
     "instance_id",
     "agent_api_key",
     "agent_api_keys_file",
+    "admin_api_key",
+    "admin_api_keys_file",
+    "customer_grounding_off",
+    "customer_structured_outputs",
+    "customer_system_messages",
+    "customer_answer_mode",
+    "anonymous_chat",
+    "customer_token_secret",
+    "customer_token_public_key",
+    "customer_token_issuer",
+    "customer_token_audience",
     "handoff_webhook_url",
     "handoff_webhook_secret",
     "webhook_max_attempts",
@@ -508,6 +677,20 @@ pub fn load_with_env(
         }
     }
 
+    let mut allowed_hosts = Vec::new();
+    if let Some((raw, src)) = r.pick("allowed_host") {
+        for host in raw.list("allowed_host", &src)? {
+            let h = host.trim().trim_end_matches('.').to_ascii_lowercase();
+            let ok = h == "*" || (!h.is_empty() && h.len() <= 253 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+            if !ok {
+                return Err(ConfigError::new("allowed_host", Some(src.clone()), format!("{host:?} is not a host name (letters, digits, - and . only, no port), or `*`")));
+            }
+            if !allowed_hosts.contains(&h) {
+                allowed_hosts.push(h);
+            }
+        }
+    }
+
     const MIB: u64 = 1 << 20;
     let get = |name: &str, lo: u64, hi: u64, default: usize| -> Result<usize, ConfigError> {
         Ok(r.int(name, lo, hi)?.map(|v| v as usize).unwrap_or(default))
@@ -518,6 +701,14 @@ pub fn load_with_env(
     let max_header_bytes = get("max_header_bytes", 1024, MIB, defaults.max_header_bytes)?;
     let header_read_timeout =
         r.int("header_read_timeout_secs", 1, 300)?.map(Duration::from_secs).unwrap_or(defaults.header_read_timeout);
+    let max_connections = get("max_connections", 1, 1 << 20, defaults.max_connections)?;
+    let max_connections_per_ip = get("max_connections_per_ip", 1, 1 << 20, defaults.max_connections_per_ip)?;
+    let body_read_timeout = r.int("body_read_timeout_secs", 1, 3600)?.map(Duration::from_secs).unwrap_or(defaults.body_read_timeout);
+    let write_timeout = r.int("write_timeout_secs", 1, 3600)?.map(Duration::from_secs).unwrap_or(defaults.write_timeout);
+    let max_message_chars = get("max_message_chars", 1, 1 << 24, defaults.max_message_chars)?;
+    let max_messages = get("max_messages", 1, 1 << 16, defaults.max_messages)?;
+    let max_conversation_turns = get("max_conversation_turns", 2, 1 << 30, defaults.max_conversation_turns as usize)? as i64;
+    let max_preparing = get("max_preparing", 1, 4096, defaults.max_preparing)?;
     let max_prompt_tokens = get("max_prompt_tokens", 1, 1 << 20, defaults.max_prompt_tokens)?;
     let max_tokens_limit = get("max_tokens_limit", 1, 1 << 20, defaults.max_tokens_limit)?;
     let default_max_tokens = match r.pick("default_max_tokens") {
@@ -614,6 +805,57 @@ pub fn load_with_env(
     }
     agent_key_hashes.sort_unstable();
     agent_key_hashes.dedup();
+    let mut admin_key_hashes = Vec::new();
+    if let Some((raw, src)) = r.pick("admin_api_key") {
+        for key in raw.list("admin_api_key", &src)? {
+            check_key(&key).map_err(|m| ConfigError::new("admin_api_key", Some(src.clone()), m))?;
+            admin_key_hashes.push(crate::server::auth::digest(&key));
+        }
+    }
+    if let Some((raw, src)) = r.pick("admin_api_keys_file") {
+        let path = PathBuf::from(raw.single("admin_api_keys_file", &src)?);
+        let hashes = read_key_digests(&path).map_err(|m| ConfigError::new("admin_api_keys_file", Some(src), m))?;
+        admin_key_hashes.extend(hashes);
+    }
+    admin_key_hashes.sort_unstable();
+    admin_key_hashes.dedup();
+    let ad = defaults.access.clone();
+    let customer_token_secret = r.text("customer_token_secret", 4096)?;
+    if let Some(secret) = &customer_token_secret {
+        if secret.len() < 32 {
+            return Err(ConfigError::new("customer_token_secret", None, "must be at least 32 bytes (an HS256 key shorter than its hash is weak)"));
+        }
+    }
+    let customer_token_public_key = path("customer_token_public_key")?;
+    if customer_token_secret.is_some() && customer_token_public_key.is_some() {
+        return Err(ConfigError::new("customer_token_public_key", None, "give `customer_token_secret` or `customer_token_public_key`, not both"));
+    }
+    let anonymous_chat = r.bool("anonymous_chat")?.unwrap_or(ad.anonymous_chat);
+    if !anonymous_chat && customer_token_secret.is_none() && customer_token_public_key.is_none() {
+        return Err(ConfigError::new(
+            "anonymous_chat",
+            None,
+            "`anonymous_chat = false` needs customer tokens: set `customer_token_secret` or `customer_token_public_key`",
+        ));
+    }
+    let customer_token_public_key_pem = match &customer_token_public_key {
+        Some(p) => Some(std::fs::read(p).map_err(|e| ConfigError::new("customer_token_public_key", None, format!("cannot read {}: {e}", p.display())))?),
+        None => None,
+    };
+    let access = AccessConfig {
+        customer_token_public_key_pem,
+        admin_key_hashes,
+        customer_grounding_off: r.bool("customer_grounding_off")?.unwrap_or(ad.customer_grounding_off),
+        customer_structured_outputs: r.bool("customer_structured_outputs")?.unwrap_or(ad.customer_structured_outputs),
+        customer_system_messages: r.bool("customer_system_messages")?.unwrap_or(ad.customer_system_messages),
+        customer_answer_mode: r.bool("customer_answer_mode")?.unwrap_or(ad.customer_answer_mode),
+        anonymous_chat,
+        customer_token_secret,
+        customer_token_public_key,
+        customer_token_issuer: r.text("customer_token_issuer", 512)?,
+        customer_token_audience: r.text("customer_token_audience", 512)?,
+    };
+    crate::server::identity::check_config(&access).map_err(|m| ConfigError::new("customer_token_public_key", None, m))?;
     let database_url = match r.pick("database_url") {
         Some((raw, src)) => {
             let url = raw.single("database_url", &src)?;
@@ -678,12 +920,14 @@ pub fn load_with_env(
         max_bytes: get("max_grammar_bytes", 64, 16 * MIB, gl.max_bytes)?,
         max_depth: get("max_grammar_depth", 1, 256, gl.max_depth)?,
         compile_budget: r.int("grammar_compile_ms", 1, 60_000)?.map(Duration::from_millis).unwrap_or(gl.compile_budget),
+        mask_budget: r.int("grammar_mask_ms", 1, 10_000)?.map(Duration::from_millis).unwrap_or(gl.mask_budget),
     };
 
     Ok(ServeConfig {
         grounding,
         grammar,
         conversations,
+        access,
         model,
         model_id,
         host,
@@ -691,11 +935,20 @@ pub fn load_with_env(
         threads: threads.max(1),
         api_key_hashes,
         cors_origins,
+        allowed_hosts,
         queue_capacity,
         max_concurrent,
         max_body_bytes,
         max_header_bytes,
         header_read_timeout,
+        max_connections,
+        max_connections_per_ip,
+        body_read_timeout,
+        write_timeout,
+        max_message_chars,
+        max_messages,
+        max_conversation_turns,
+        max_preparing,
         max_prompt_tokens,
         max_tokens_limit,
         default_max_tokens,
@@ -763,11 +1016,20 @@ impl Resolver<'_> {
             "api_key" => list(&a.api_key),
             "api_keys_file" => a.api_keys_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
             "cors_origin" => list(&a.cors_origin),
+            "allowed_host" => list(&a.allowed_host),
             "queue_capacity" => int(a.queue_capacity.map(|v| v as u64)),
             "max_concurrent" => int(a.max_concurrent.map(|v| v as u64)),
             "max_body_bytes" => int(a.max_body_bytes.map(|v| v as u64)),
             "max_header_bytes" => int(a.max_header_bytes.map(|v| v as u64)),
             "header_read_timeout_secs" => int(a.header_read_timeout_secs),
+            "max_connections" => int(a.max_connections.map(|v| v as u64)),
+            "max_connections_per_ip" => int(a.max_connections_per_ip.map(|v| v as u64)),
+            "body_read_timeout_secs" => int(a.body_read_timeout_secs),
+            "write_timeout_secs" => int(a.write_timeout_secs),
+            "max_message_chars" => int(a.max_message_chars.map(|v| v as u64)),
+            "max_messages" => int(a.max_messages.map(|v| v as u64)),
+            "max_conversation_turns" => int(a.max_conversation_turns),
+            "max_preparing" => int(a.max_preparing.map(|v| v as u64)),
             "max_prompt_tokens" => int(a.max_prompt_tokens.map(|v| v as u64)),
             "max_tokens_limit" => int(a.max_tokens_limit.map(|v| v as u64)),
             "default_max_tokens" => int(a.default_max_tokens.map(|v| v as u64)),
@@ -792,6 +1054,7 @@ impl Resolver<'_> {
             "max_grammar_bytes" => int(a.max_grammar_bytes.map(|v| v as u64)),
             "max_grammar_depth" => int(a.max_grammar_depth.map(|v| v as u64)),
             "grammar_compile_ms" => int(a.grammar_compile_ms),
+            "grammar_mask_ms" => int(a.grammar_mask_ms),
             "data_dir" => a.data_dir.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
             "database_url" => a.database_url.clone().map(Raw::Text),
             "store_sync" => a.store_sync.clone().map(Raw::Text),
@@ -799,6 +1062,17 @@ impl Resolver<'_> {
             "instance_id" => a.instance_id.clone().map(Raw::Text),
             "agent_api_key" => list(&a.agent_api_key),
             "agent_api_keys_file" => a.agent_api_keys_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "admin_api_key" => list(&a.admin_api_key),
+            "admin_api_keys_file" => a.admin_api_keys_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "customer_grounding_off" => a.customer_grounding_off.map(|b| Raw::Text(b.to_string())),
+            "customer_structured_outputs" => a.customer_structured_outputs.map(|b| Raw::Text(b.to_string())),
+            "customer_system_messages" => a.customer_system_messages.map(|b| Raw::Text(b.to_string())),
+            "customer_answer_mode" => a.customer_answer_mode.map(|b| Raw::Text(b.to_string())),
+            "anonymous_chat" => a.anonymous_chat.map(|b| Raw::Text(b.to_string())),
+            "customer_token_secret" => a.customer_token_secret.clone().map(Raw::Text),
+            "customer_token_public_key" => a.customer_token_public_key.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "customer_token_issuer" => a.customer_token_issuer.clone().map(Raw::Text),
+            "customer_token_audience" => a.customer_token_audience.clone().map(Raw::Text),
             "handoff_webhook_url" => a.handoff_webhook_url.clone().map(Raw::Text),
             "handoff_webhook_secret" => a.handoff_webhook_secret.clone().map(Raw::Text),
             "webhook_max_attempts" => int(a.webhook_max_attempts),

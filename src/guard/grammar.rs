@@ -55,8 +55,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llguidance::api::{ParserLimits, TopLevelGrammar};
-use llguidance::{Matcher, ParserFactory};
+use llguidance::api::{GrammarInit, ParserLimits, TopLevelGrammar};
+use llguidance::{Logger, Matcher, ParserFactory};
+
+use super::watchdog;
 use sha2::{Digest, Sha256};
 use toktrie::{InferenceCapabilities, SimpleVob, TokEnv};
 
@@ -72,8 +74,10 @@ pub enum GuardError {
     TooLarge { what: &'static str, bytes: usize, max: usize },
     #[error("the {what} is nested {depth} deep; at most {max} levels are allowed")]
     TooDeep { what: &'static str, depth: usize, max: usize },
-    #[error("compiling took longer than {budget_ms} ms (took {took_ms:.1} ms)")]
+    #[error("compiling took longer than {budget_ms} ms (stopped after {took_ms:.1} ms)")]
     TooSlow { budget_ms: u128, took_ms: f64 },
+    #[error("the constraint's next-token mask took longer than {budget_ms} ms; it was stopped")]
+    MaskTooSlow { budget_ms: u128 },
     #[error("the regex does not compile: {0}")]
     Regex(String),
     #[error("the Lark grammar does not compile: {0}")]
@@ -101,8 +105,12 @@ pub struct GuardLimits {
     pub max_grammar_bytes: usize,
     /// Nesting of JSON subschemas, or of brackets in a regex / Lark grammar.
     pub max_depth: usize,
-    /// Wall time for compiling, including the first mask (which surfaces lexer errors early).
+    /// Wall time for compiling, including the first mask (which surfaces lexer errors early). The
+    /// first mask is interrupted when it runs out (see [`super::watchdog`]), not measured after.
     pub compile_budget: Duration,
+    /// Wall time for each later step (mask, token check, advance) of this constraint, interrupted
+    /// the same way; `None` leaves only llguidance's fuel (the operator's own grammars).
+    pub mask_budget: Option<Duration>,
     /// Highest citation marker a policy may allow.
     pub max_citations: usize,
     /// llguidance's own limits (lexer fuel, Earley items per mask, lexer states, ...).
@@ -115,6 +123,7 @@ impl Default for GuardLimits {
             max_grammar_bytes: 128 * 1024,
             max_depth: 32,
             compile_budget: Duration::from_millis(500),
+            mask_budget: None,
             max_citations: 99,
             // A real pack forbids a hundred or so phrases: the lexer of "any text not containing one of
             // them" derives many more regex states on the first tokens than llguidance's defaults
@@ -247,8 +256,8 @@ impl GuardCompiler {
     }
 
     /// [`compile`](Self::compile) under other size, depth and time bounds (a client's grammar gets
-    /// the operator's settings; the policy's own grammars the compiler's). `limits.parser` is not
-    /// used: llguidance's limits are fixed when the compiler is built.
+    /// the operator's settings; the policy's own grammars the compiler's), including llguidance's
+    /// own limits in `limits.parser`.
     pub fn compile_within(&self, constraint: &Constraint, limits: &GuardLimits) -> Result<CompiledGuard, GuardError> {
         let start = Instant::now();
         let (text, kind) = self.grammar_text(constraint, limits)?;
@@ -262,21 +271,32 @@ impl GuardCompiler {
             }
             _ => TopLevelGrammar::from_lark(text.clone()),
         };
-        let parser = self.factory.create_parser(top).map_err(|e| kind.error(constraint, self, e.to_string()))?;
-        let mut matcher = Matcher::new(Ok(parser));
+        let too_slow = || GuardError::TooSlow { budget_ms: limits.compile_budget.as_millis(), took_ms: start.elapsed().as_secs_f64() * 1e3 };
+        let parser = self
+            .factory
+            .create_parser_from_init_ext(GrammarInit::Serialized(top), Logger::new(0, 0), InferenceCapabilities::default(), limits.parser.clone())
+            .map_err(|e| kind.error(constraint, self, e.to_string()))?;
+        let mut matcher = Matcher::new(Ok(parser)).into_cancellable();
         // The first mask runs the lexer for real: errors and an empty language show up here,
-        // at compile time, rather than at the first decode step.
-        let first = matcher.compute_mask().map_err(|e| kind.error(constraint, self, e.to_string()))?;
+        // at compile time, rather than at the first decode step. It runs under what is left of
+        // the budget and is stopped when that runs out.
+        let left = limits.compile_budget.checked_sub(start.elapsed()).ok_or_else(too_slow)?;
+        let handle = matcher.cancellation_handle().ok_or_else(|| GuardError::Matcher("the matcher cannot be cancelled".into()))?;
+        let armed = watchdog::arm(handle, left);
+        let first = matcher.compute_mask();
+        let cancelled = matcher.is_cancelled() || armed.expired();
+        drop(armed);
+        if cancelled {
+            return Err(too_slow());
+        }
+        let first = first.map_err(|e| kind.error(constraint, self, e.to_string()))?;
         if first.is_zero() {
             return Err(GuardError::Empty);
         }
         let accepting = matcher.is_accepting().map_err(|e| GuardError::Matcher(e.to_string()))?;
         let took = start.elapsed();
-        if took > limits.compile_budget {
-            return Err(GuardError::TooSlow { budget_ms: limits.compile_budget.as_millis(), took_ms: took.as_secs_f64() * 1e3 });
-        }
         let hash = format!("{:x}", Sha256::digest(text.as_bytes()));
-        Ok(CompiledGuard { matcher, accepting, text, hash, compile_time: took, eos: Arc::clone(&self.eos) })
+        Ok(CompiledGuard { matcher, accepting, text, hash, compile_time: took, mask_budget: limits.mask_budget, eos: Arc::clone(&self.eos) })
     }
 
     /// The exact text handed to llguidance (Lark, or a serialized JSON schema), checked for depth.
@@ -641,6 +661,7 @@ pub struct CompiledGuard {
     text: String,
     hash: String,
     compile_time: Duration,
+    mask_budget: Option<Duration>,
     eos: Arc<[u32]>,
 }
 
@@ -667,7 +688,7 @@ impl CompiledGuard {
 
     /// A fresh matcher for one sequence.
     pub fn matcher(&self) -> GuardMatcher {
-        GuardMatcher { parts: vec![Part { inner: self.matcher.clone(), accepting: self.accepting }], eos: Arc::clone(&self.eos) }
+        GuardMatcher { parts: vec![Part { inner: self.matcher.clone(), accepting: self.accepting, budget: self.mask_budget }], eos: Arc::clone(&self.eos) }
     }
 }
 
@@ -695,6 +716,28 @@ pub struct GuardMatcher {
 struct Part {
     inner: Matcher,
     accepting: bool,
+    /// Wall time for each step of this constraint (see [`GuardLimits::mask_budget`]).
+    budget: Option<Duration>,
+}
+
+impl Part {
+    /// Runs one matcher step, interrupted when it overruns the part's budget.
+    fn step<T>(&mut self, f: impl FnOnce(&mut Matcher) -> anyhow::Result<T>, fail: impl FnOnce(anyhow::Error) -> GuardError) -> Result<T, GuardError> {
+        let Some(budget) = self.budget else {
+            return f(&mut self.inner).map_err(fail);
+        };
+        let armed = self.inner.cancellation_handle().map(|h| watchdog::arm(h, budget));
+        let out = f(&mut self.inner);
+        drop(armed);
+        if self.inner.is_cancelled() {
+            return Err(GuardError::MaskTooSlow { budget_ms: budget.as_millis() });
+        }
+        out.map_err(fail)
+    }
+
+    fn mask(&mut self) -> Result<SimpleVob, GuardError> {
+        self.step(|m| m.compute_mask_or_eos(), |e| GuardError::Matcher(tidy(&e.to_string())))
+    }
 }
 
 impl std::fmt::Debug for GuardMatcher {
@@ -743,7 +786,7 @@ impl GuardMatcher {
             return self.fill_mask(logits);
         }
         let start = Instant::now();
-        let mask = self.parts[0].inner.compute_mask_or_eos().map_err(|e| GuardError::Matcher(tidy(&e.to_string())))?;
+        let mask = self.parts[0].mask()?;
         let allowed = mask.num_set();
         if allowed == 0 {
             return Err(GuardError::Matcher("no token is allowed in this state".into()));
@@ -767,7 +810,7 @@ impl GuardMatcher {
             if p.inner.is_stopped() {
                 return Ok(false);
             }
-            let n = p.inner.validate_tokens(&[token]).map_err(|e| GuardError::Matcher(tidy(&e.to_string())))?;
+            let n = p.step(|m| m.validate_tokens(&[token]), |e| GuardError::Matcher(tidy(&e.to_string())))?;
             if n != 1 {
                 return Ok(false);
             }
@@ -786,7 +829,7 @@ impl GuardMatcher {
     /// masks are computed, so its threads are free) and intersected.
     pub fn mask(&mut self) -> Result<SimpleVob, GuardError> {
         use rayon::prelude::*;
-        let one = |p: &mut Part| p.inner.compute_mask_or_eos().map_err(|e| GuardError::Matcher(tidy(&e.to_string())));
+        let one = |p: &mut Part| p.mask();
         let mut masks = if self.parts.len() == 1 {
             self.parts.iter_mut().map(one).collect::<Result<Vec<_>, _>>()?
         } else {
@@ -807,7 +850,7 @@ impl GuardMatcher {
             if eos && p.inner.is_stopped() {
                 continue;
             }
-            p.inner.consume_token(token).map_err(|e| GuardError::Rejected { token, reason: tidy(&e.to_string()) })?;
+            p.step(|m| m.consume_token(token), |e| GuardError::Rejected { token, reason: tidy(&e.to_string()) })?;
             p.accepting = p.inner.is_accepting().unwrap_or(false);
         }
         Ok(())

@@ -10,6 +10,7 @@ pub mod env;
 pub mod escalation;
 pub mod grammar;
 pub mod policy;
+pub mod watchdog;
 
 use std::path::Path;
 

@@ -34,6 +34,10 @@ const MAX_STRING_LEN: u64 = 1 << 26;
 const MAX_NAME_LEN: u64 = u16::MAX as u64;
 /// ggml itself never nests arrays; a small limit keeps recursion shallow.
 const MAX_ARRAY_NESTING: usize = 4;
+/// The most memory the parsed metadata may take, counted as it is held (each array element is a
+/// whole `Value`, about 32 bytes even for a u8, plus string bytes) and charged before anything is
+/// allocated. The largest vocabularies in use (Gemma 3, 262k tokens with scores, types and merges) take about 50 MiB.
+pub const MAX_METADATA_MEMORY: u64 = 128 << 20;
 /// GGML_MAX_DIMS.
 const MAX_DIMS: u32 = 4;
 
@@ -244,6 +248,7 @@ impl GgufFile {
             r,
             pos: 0,
             file_len,
+            held: 0,
         }
         .parse()
     }
@@ -520,6 +525,8 @@ struct Parser<'r, R> {
     r: &'r mut R,
     pos: u64,
     file_len: u64,
+    /// Memory the metadata parsed so far takes (see [`MAX_METADATA_MEMORY`]).
+    held: u64,
 }
 
 impl<R: Read + Seek> Parser<'_, R> {
@@ -795,8 +802,11 @@ impl<R: Read + Seek> Parser<'_, R> {
                 };
                 let len = self.read_u64(at)?;
                 self.check_count("array length", at, len, MAX_ARRAY_LEN)?;
-                // Bounded by the limit and by the file, so this allocation is safe.
+                // Bounded by the limit, by the file and by the memory budget (an element takes a
+                // whole `Value` in memory, however small it is in the file), so this allocation
+                // is safe.
                 self.need(len * elem_kind.min_size(), at)?;
+                self.charge(len * std::mem::size_of::<Value>() as u64, at)?;
                 let mut items = Vec::with_capacity(len as usize);
                 for _ in 0..len {
                     items.push(self.read_kind(elem_kind, at, depth + 1)?);
@@ -806,11 +816,26 @@ impl<R: Read + Seek> Parser<'_, R> {
         })
     }
 
+    /// Counts `bytes` more of held metadata against [`MAX_METADATA_MEMORY`].
+    fn charge(&mut self, bytes: u64, at: Where) -> Result<(), GgufError> {
+        self.held = self.held.saturating_add(bytes);
+        if self.held > MAX_METADATA_MEMORY {
+            return Err(GgufError::Absurd {
+                what: format!("metadata size in memory (bytes, up to and including {at})"),
+                value: self.held,
+                offset: self.pos,
+                limit: MAX_METADATA_MEMORY,
+            });
+        }
+        Ok(())
+    }
+
     fn read_string(&mut self, at: Where, max_len: u64) -> Result<String, GgufError> {
         let len = self.read_u64(at)?;
         self.check_count("string length", at, len, max_len)?;
         let start = self.pos;
         self.need(len, at)?;
+        self.charge(len, at)?;
         let mut bytes = vec![0; len as usize];
         self.read_exact(&mut bytes, at)?;
         // Some writers NUL-terminate strings despite the spec; candle tolerates it too.

@@ -1159,12 +1159,12 @@ fn write_kb_draft(state: &AppState, conv: &Conversation, question: &str, answer:
             question = question.trim(),
             answer = answer.text.trim(),
         );
-        let mut file = match std::fs::OpenOptions::new().write(true).create_new(ours != Some(true)).truncate(ours == Some(true)).open(&path) {
-            Ok(f) => f,
+        let unwritable = |e: std::io::Error| ApiError::unavailable("docs_unwritable", format!("cannot write {}: {e}", path.display()));
+        match write_atomically(&path, markdown.as_bytes(), ours == Some(true)) {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(ApiError::unavailable("docs_unwritable", format!("cannot write {}: {e}", path.display()))),
-        };
-        file.write_all(markdown.as_bytes()).map_err(|e| ApiError::unavailable("docs_unwritable", format!("cannot write {}: {e}", path.display())))?;
+            Err(e) => return Err(unwritable(e)),
+        }
         return Ok(WrittenDraft { id: id.clone(), path: format!("{DRAFTS_DIR}/{id}.md"), title, area, markdown });
     }
     Err(ApiError::conflict("draft_id_taken", format!("the ids `{base}` to `{base}-99` are all taken; approve or remove some drafts")))
@@ -1308,17 +1308,88 @@ fn publish(state: &AppState, id: &str) -> Result<String, ApiError> {
     let dir = docs.join(area);
     std::fs::create_dir_all(&dir).map_err(|e| ApiError::unavailable("docs_unwritable", format!("cannot create {}: {e}", dir.display())))?;
     let to = dir.join(format!("{id}.md"));
-    let mut file = match std::fs::OpenOptions::new().write(true).create_new(true).open(&to) {
-        Ok(f) => f,
+    match write_atomically(&to, approved.as_bytes(), false) {
+        Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return Err(ApiError::conflict("id_taken", format!("{rel} already exists; rename the draft or remove that file")))
         }
         Err(e) => return Err(ApiError::unavailable("docs_unwritable", format!("cannot write {}: {e}", to.display()))),
-    };
-    file.write_all(approved.as_bytes()).and_then(|_| file.sync_all()).map_err(|e| ApiError::unavailable("docs_unwritable", format!("cannot write {}: {e}", to.display())))?;
+    }
     // The draft goes once its approved copy is safely written.
-    std::fs::remove_file(&from).map_err(|e| ApiError::internal(format!("approved {rel} but could not remove {}: {e}", from.display())))?;
+    std::fs::remove_file(&from)
+        .and_then(|_| sync_dir(from.parent().unwrap_or(docs)))
+        .map_err(|e| ApiError::internal(format!("approved {rel} but could not remove {}: {e}", from.display())))?;
     Ok(rel)
+}
+
+/// Writes `bytes` to `path` so that a reader (the indexer, a crash) sees the old state or the whole
+/// new file, never part of it: a temporary file in the same directory (a name the indexer skips),
+/// synced, then moved into place, then the directory synced. With `replace` false, an existing
+/// `path` is left alone and the error is `AlreadyExists` (the move is a hard link, which never
+/// overwrites).
+pub fn write_atomically(path: &Path, bytes: &[u8], replace: bool) -> std::io::Result<()> {
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        if replace {
+            std::fs::rename(&tmp, path)
+        } else {
+            std::fs::hard_link(&tmp, path)
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result?;
+    sync_dir(dir)
+}
+
+/// Makes a directory's entries (a new, renamed or removed file) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes the KB drafts whose source conversation is no longer stored (deleted with its customer
+/// or purged by retention): a draft holds the customer's question verbatim. Returns how many.
+pub async fn purge_orphan_drafts(docs: &Path, store: &crate::store::Store) -> Result<u64, String> {
+    let dir = docs.join(DRAFTS_DIR);
+    let listed = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || -> Vec<(PathBuf, String)> {
+            let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "md"))
+                .filter_map(|p| {
+                    let text = std::fs::read_to_string(&p).ok()?;
+                    let (pairs, _) = front_matter(&text)?;
+                    let conv = fm_get(&pairs, "source_conversation")?.to_string();
+                    Some((p, conv))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    };
+    let mut removed = 0;
+    for (path, conv) in listed {
+        match store.conversation_head(&conv).await {
+            Err(crate::store::StoreError::NotFound { .. }) => {
+                std::fs::remove_file(&path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+                removed += 1;
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if removed > 0 {
+        sync_dir(&dir).map_err(|e| e.to_string())?;
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]

@@ -42,13 +42,63 @@ pub fn is_authorized(headers: &HeaderMap, accepted: &[[u8; 32]]) -> bool {
     found.into()
 }
 
-/// Routes anyone may call without a key: the liveness probe, the customer chat page and the agent
-/// console (their scripts then call the API with a key), and the approved articles.
-pub fn is_public(method: &Method, path: &str) -> bool {
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// No key: the chat page, the approved articles, health.
+    Public,
+    /// Chat, the model list, retrieval, a customer's own handoff and feedback.
+    Customer,
+    /// Support agents: conversations, customers' data, assist, KB drafts, audit, the outbox.
+    Agent,
+    /// Operators: index and policy reload, metrics, raw completions, tokenize.
+    Admin,
+}
+
+/// What the request's key proved (put in the request's extensions by [`require_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The scope of the key presented; `None`: no key (or customer routes open without one).
+    pub key: Option<Scope>,
+}
+
+impl Caller {
+    /// An agent or an admin: the operator's own systems, trusted with every request field.
+    pub fn is_trusted(&self) -> bool {
+        matches!(self.key, Some(Scope::Agent | Scope::Admin))
+    }
+}
+
+/// The scope a route belongs to.
+pub fn route_scope(method: &Method, path: &str) -> Scope {
+    let get = method == Method::GET || method == Method::HEAD;
     // The chat page and the articles it links to are what a customer's browser loads before it
-    // can hold a key; they serve only the approved help-center content.
-    (method == Method::GET || method == Method::HEAD)
-        && (path == "/health" || path == "/" || path == "/agent" || path.starts_with("/assets/") || path.starts_with("/kb/"))
+    // can hold a key; they serve only the approved help-center content. The API's description and
+    // the readiness probe say nothing private.
+    if get
+        && (path == "/health"
+            || path == "/ready"
+            || path == "/"
+            || path == "/agent"
+            || path == "/openapi.json"
+            || path.starts_with("/assets/")
+            || path.starts_with("/kb/"))
+    {
+        return Scope::Public;
+    }
+    let admin = ["/metrics", "/v1/index", "/v1/policy", "/v1/completions", "/tokenize", "/detokenize"];
+    if admin.iter().any(|p| path == *p || path.starts_with(&format!("{p}/"))) {
+        return Scope::Admin;
+    }
+    if is_agent_route(method, path) {
+        return Scope::Agent;
+    }
+    Scope::Customer
+}
+
+/// Whether `method path` is public (no key needed).
+pub fn is_public(method: &Method, path: &str) -> bool {
+    route_scope(method, path) == Scope::Public
 }
 
 /// Routes for support agents (their own key scope): conversations, customers' data, agent assist,
@@ -66,33 +116,65 @@ pub fn is_agent_route(method: &Method, path: &str) -> bool {
         .any(|p| path == p.trim_end_matches('/') || path.starts_with(p))
 }
 
-/// Middleware: agent routes need an agent key (and are refused when none is configured); the rest
-/// need an API key or an agent key when API keys are configured. Errors are the error table's.
-pub async fn require_key(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    let (method, path) = (req.method(), req.uri().path());
-    if is_public(method, path) {
-        return next.run(req).await;
+/// The scope of the key a request presents, if any.
+fn key_scope(headers: &HeaderMap, state: &super::AppState) -> Option<Scope> {
+    let access = &state.config.access;
+    if !access.admin_key_hashes.is_empty() && is_authorized(headers, &access.admin_key_hashes) {
+        return Some(Scope::Admin);
     }
     let agents = &state.config.conversations.agent_key_hashes;
-    let agent = !agents.is_empty() && is_authorized(req.headers(), agents);
-    if is_agent_route(method, path) {
-        if agents.is_empty() {
-            return ApiError::forbidden(
-                "agent_routes_disabled",
-                "agent routes are off: configure an agent key (`--agent-api-key` or `agent_api_keys_file`)",
-            )
-            .into_response();
-        }
-        if agent {
-            return next.run(req).await;
-        }
-        return ApiError::unauthorized().into_response();
+    if !agents.is_empty() && is_authorized(headers, agents) {
+        return Some(Scope::Agent);
     }
-    let hashes = &state.config.api_key_hashes;
-    if hashes.is_empty() || agent || is_authorized(req.headers(), hashes) {
-        return next.run(req).await;
+    let customers = &state.config.api_key_hashes;
+    if !customers.is_empty() && is_authorized(headers, customers) {
+        return Some(Scope::Customer);
     }
-    ApiError::unauthorized().into_response()
+    None
+}
+
+/// Middleware: each route's scope needs its key. Admin and agent routes need their own keys (and
+/// are refused when none is configured); customer routes need a customer, agent or admin key when
+/// customer keys are configured, and are open otherwise. Errors are the error table's.
+pub async fn require_key(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
+    let scope = route_scope(req.method(), req.uri().path());
+    let key = key_scope(req.headers(), &state);
+    req.extensions_mut().insert(Caller { key });
+    match scope {
+        Scope::Public => next.run(req).await,
+        Scope::Admin => {
+            if state.config.access.admin_key_hashes.is_empty() {
+                return ApiError::forbidden(
+                    "admin_routes_disabled",
+                    "admin routes are off: configure an admin key (`--admin-api-key` or `admin_api_keys_file`)",
+                )
+                .into_response();
+            }
+            if key == Some(Scope::Admin) {
+                return next.run(req).await;
+            }
+            ApiError::unauthorized().into_response()
+        }
+        Scope::Agent => {
+            if state.config.conversations.agent_key_hashes.is_empty() {
+                return ApiError::forbidden(
+                    "agent_routes_disabled",
+                    "agent routes are off: configure an agent key (`--agent-api-key` or `agent_api_keys_file`)",
+                )
+                .into_response();
+            }
+            if key == Some(Scope::Agent) {
+                return next.run(req).await;
+            }
+            ApiError::unauthorized().into_response()
+        }
+        Scope::Customer => {
+            if state.config.api_key_hashes.is_empty() || key.is_some() {
+                return next.run(req).await;
+            }
+            ApiError::unauthorized().into_response()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -136,5 +218,14 @@ mod tests {
         assert!(!is_public(&Method::POST, "/"));
         assert!(!is_public(&Method::GET, "/v1/retrieve"));
         assert!(!is_public(&Method::GET, "/v1/index"));
+        assert_eq!(route_scope(&Method::GET, "/metrics"), Scope::Admin);
+        assert_eq!(route_scope(&Method::POST, "/v1/index/reload"), Scope::Admin);
+        assert_eq!(route_scope(&Method::POST, "/v1/policy/reload"), Scope::Admin);
+        assert_eq!(route_scope(&Method::POST, "/v1/completions"), Scope::Admin);
+        assert_eq!(route_scope(&Method::POST, "/tokenize"), Scope::Admin);
+        assert_eq!(route_scope(&Method::POST, "/v1/chat/completions"), Scope::Customer);
+        assert_eq!(route_scope(&Method::POST, "/v1/conversations/c1/handoff"), Scope::Customer);
+        assert_eq!(route_scope(&Method::GET, "/v1/conversations/c1"), Scope::Agent);
+        assert_eq!(route_scope(&Method::GET, "/v1/kb/drafts"), Scope::Agent);
     }
 }

@@ -129,12 +129,17 @@ pub async fn open_with(state: &AppState, c: &crate::config::ConversationsConfig)
     }
     if c.retention_days > 0 {
         let days = c.retention_days;
+        let docs = state.config.grounding.docs_dir.clone();
         tokio::spawn(async move {
             loop {
                 let cutoff = store::now_ms() - (days as i64) * 86_400_000;
                 match store.purge_older_than(cutoff).await {
                     Ok(r) if r.conversations > 0 => {
-                        tracing::info!(conversations = r.conversations, turns = r.turns, days, "retention purge")
+                        let drafts = super::assist::purge_orphan_drafts(&docs, &store).await;
+                        if let Err(e) = &drafts {
+                            tracing::error!(error = %e, "removing the purged conversations' KB drafts failed");
+                        }
+                        tracing::info!(conversations = r.conversations, turns = r.turns, drafts = drafts.unwrap_or(0), days, "retention purge")
                     }
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "retention purge failed"),
@@ -406,7 +411,10 @@ pub async fn purge(State(state): State<SharedState>, ApiJson(body): ApiJson<Purg
         return Err(ApiError::invalid_field("older_than_days", format!("`older_than_days` must be in [0, 36500] (got {days})")));
     }
     let cutoff = store::now_ms() - days * 86_400_000;
-    Ok(Json(state.store()?.purge_older_than(cutoff).await.map_err(ApiError::store)?))
+    let store = state.store()?;
+    let mut report = store.purge_older_than(cutoff).await.map_err(ApiError::store)?;
+    report.drafts = super::assist::purge_orphan_drafts(&state.config.grounding.docs_dir, store).await.map_err(ApiError::internal)?;
+    Ok(Json(report))
 }
 
 /// Delete everything stored about a customer.
@@ -429,7 +437,10 @@ pub async fn purge(State(state): State<SharedState>, ApiJson(body): ApiJson<Purg
     )
 )]
 pub async fn delete_customer(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<store::PurgeReport>, ApiError> {
-    Ok(Json(state.store()?.delete_customer(&id).await.map_err(ApiError::store)?))
+    let store = state.store()?;
+    let mut report = store.delete_customer(&id).await.map_err(ApiError::store)?;
+    report.drafts = super::assist::purge_orphan_drafts(&state.config.grounding.docs_dir, store).await.map_err(ApiError::internal)?;
+    Ok(Json(report))
 }
 
 /// Query of the deliveries route (documented inline in its OpenAPI annotation).
@@ -493,9 +504,30 @@ pub async fn hand_off(state: &AppState, conversation_id: &str, reason: &str, by:
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[schema(as = HandoffRequest)]
 pub struct HandoffIn {
-    /// A reason code (snake_case); default `customer_request` / `agent_takeover`.
+    /// A reason code (snake_case); default `customer_request` / `agent_takeover`. From a customer,
+    /// one of `customer_request`, `not_helpful`, `complaint`, `billing`, `technical`, `account`.
     #[schema(pattern = "^[a-z0-9_]{1,64}$")]
     reason: Option<String>,
+    /// Anonymous chat: the customer id the conversation was started with (`helpline.customer.id`).
+    /// Verified customers send their token instead.
+    #[schema(max_length = 128)]
+    customer_id: Option<String>,
+}
+
+/// The reasons a customer may give for asking for a person (a fixed set, so metrics stay bounded).
+pub const CUSTOMER_HANDOFF_REASONS: &[&str] = &["customer_request", "not_helpful", "complaint", "billing", "technical", "account"];
+
+/// What a customer learns from asking for a person: that it happened, and the pack's message.
+#[derive(Serialize, ToSchema)]
+#[schema(as = CustomerHandoffResponse)]
+pub struct CustomerHandoffOut {
+    conversation_id: String,
+    /// `handed_off`.
+    status: &'static str,
+    /// The policy pack's handoff message, to show the customer.
+    message: String,
+    /// `false` when the conversation was already with a person (nothing was sent again).
+    handed_off_now: bool,
 }
 
 /// A conversation just handed off, with its handoff summary.
@@ -531,8 +563,10 @@ fn reason_code(given: Option<String>, default: &str) -> Result<String, ApiError>
 /// Hand a conversation to a person (the customer asks).
 ///
 /// "Talk to a human": the conversation becomes `handed_off` with a handoff summary built from its
-/// turns, and the summary goes to the handoff webhook when one is configured. The body may be left
-/// out. A customer API key may call this route.
+/// turns, and the summary goes to the handoff webhook when one is configured. Only the
+/// conversation's own customer may ask (its customer token, or for anonymous chat the customer id
+/// it was started with); the reply says only that it happened. Asking again sends nothing again;
+/// a resolved conversation is not reopened. The body may be left out.
 #[utoipa::path(
     post,
     path = "/v1/conversations/{id}/handoff",
@@ -541,18 +575,59 @@ fn reason_code(given: Option<String>, default: &str) -> Result<String, ApiError>
     params(("id" = String, Path, description = "The conversation id")),
     request_body(content = Option<HandoffIn>, description = "Optional; default reason `customer_request`", content_type = "application/json"),
     responses(
-        (status = 200, description = "Handed off", body = HandoffOut),
+        (status = 200, description = "Handed off (or already with a person)", body = CustomerHandoffOut),
         (status = 400, description = "The body is not valid JSON of the right shape", body = ErrorResponse),
-        (status = 404, description = "No such conversation (`not_found`)", body = ErrorResponse),
-        (status = 422, description = "`reason` is not 1 to 64 characters of a-z 0-9 _", body = ErrorResponse),
+        (status = 401, description = "A customer token that does not verify, or none where one is required", body = ErrorResponse),
+        (status = 404, description = "No such conversation of this customer's (`not_found`)", body = ErrorResponse),
+        (status = 409, description = "The conversation is resolved (`conversation_resolved`)", body = ErrorResponse),
+        (status = 422, description = "`reason` not one of the customer reasons", body = ErrorResponse),
         (status = 500, description = STORE_FAILED, body = ErrorResponse),
         (status = 503, description = STORE_DOWN, body = ErrorResponse),
     )
 )]
-pub async fn customer_handoff(State(state): State<SharedState>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<HandoffOut>, ApiError> {
-    let reason = reason_code(optional_json::<HandoffIn>(&body)?.reason, "customer_request")?;
-    let (conversation, summary) = hand_off(&state, &id, &reason, "customer").await?;
-    Ok(Json(HandoffOut { conversation, summary }))
+pub async fn customer_handoff(
+    State(state): State<SharedState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<CustomerHandoffOut>, ApiError> {
+    let body = optional_json::<HandoffIn>(&body)?;
+    let caller = caller.map(|c| c.0).unwrap_or(super::auth::Caller { key: None });
+    let identity = super::identity::of_request(&state.config.access, &headers, &caller)?;
+    let reason = reason_code(body.reason, "customer_request")?;
+    if identity != super::identity::Identity::Operator && !CUSTOMER_HANDOFF_REASONS.contains(&reason.as_str()) {
+        return Err(ApiError::invalid_field("reason", format!("`reason` must be one of {}", CUSTOMER_HANDOFF_REASONS.join(", "))));
+    }
+    let conv = own_conversation(&state, &identity, body.customer_id, &id).await?;
+    let message = state.policy().map(|p| p.pack.messages.handoff.clone()).unwrap_or_default();
+    match conv.status {
+        // Asking again sends nothing again.
+        store::ConversationStatus::HandedOff => {
+            return Ok(Json(CustomerHandoffOut { conversation_id: id, status: "handed_off", message, handed_off_now: false }));
+        }
+        store::ConversationStatus::Resolved => {
+            return Err(ApiError::conflict(
+                "conversation_resolved",
+                "this conversation is resolved and is not reopened; start a new conversation to ask for a person",
+            ));
+        }
+        store::ConversationStatus::Open => {}
+    }
+    hand_off(&state, &id, &reason, "customer").await?;
+    Ok(Json(CustomerHandoffOut { conversation_id: id, status: "handed_off", message, handed_off_now: true }))
+}
+
+/// The conversation `id` if this caller may act on it as its customer: an operator key, the
+/// verified customer it belongs to, or (anonymous chat) the id it was started with. Any other
+/// caller gets "not found".
+async fn own_conversation(state: &AppState, identity: &super::identity::Identity, asserted: Option<String>, id: &str) -> Result<Conversation, ApiError> {
+    let conv = state.store()?.conversation_head(id).await.map_err(ApiError::store)?;
+    let customer = identity.customer(store::Customer { id: asserted, ..store::Customer::default() })?;
+    if !identity.claim().may_use(&customer, &conv.customer) {
+        return Err(ApiError::store(store::StoreError::not_found("conversation", id)));
+    }
+    Ok(conv)
 }
 
 /// Take a conversation over (an agent).
@@ -672,6 +747,10 @@ pub struct FeedbackIn {
     comment: Option<String>,
     /// Answer feedback only: the conversation the answer belongs to (checked).
     conversation_id: Option<String>,
+    /// Anonymous chat: the customer id the conversation was started with. Verified customers send
+    /// their token instead.
+    #[schema(max_length = 128)]
+    customer_id: Option<String>,
 }
 
 fn feedback(body: &FeedbackIn) -> Result<Feedback, ApiError> {
@@ -707,8 +786,17 @@ fn feedback(body: &FeedbackIn) -> Result<Feedback, ApiError> {
         (status = 503, description = STORE_DOWN, body = ErrorResponse),
     )
 )]
-pub async fn conversation_feedback(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<FeedbackIn>) -> Result<Json<Value>, ApiError> {
+pub async fn conversation_feedback(
+    State(state): State<SharedState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<FeedbackIn>,
+) -> Result<Json<Value>, ApiError> {
     let fb = feedback(&body)?;
+    let caller = caller.map(|c| c.0).unwrap_or(super::auth::Caller { key: None });
+    let identity = super::identity::of_request(&state.config.access, &headers, &caller)?;
+    own_conversation(&state, &identity, body.customer_id.clone(), &id).await?;
     state.store()?.record_feedback(None, &id, fb.clone()).await.map_err(ApiError::store)?;
     state.metrics.feedback("conversation", &fb);
     Ok(Json(json!({"conversation_id": id, "feedback": fb})))
@@ -735,10 +823,22 @@ pub async fn conversation_feedback(State(state): State<SharedState>, Path(id): P
         (status = 503, description = STORE_DOWN, body = ErrorResponse),
     )
 )]
-pub async fn answer_feedback(State(state): State<SharedState>, Path(id): Path<String>, ApiJson(body): ApiJson<FeedbackIn>) -> Result<Json<Value>, ApiError> {
+pub async fn answer_feedback(
+    State(state): State<SharedState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<FeedbackIn>,
+) -> Result<Json<Value>, ApiError> {
     let fb = feedback(&body)?;
+    let caller = caller.map(|c| c.0).unwrap_or(super::auth::Caller { key: None });
+    let identity = super::identity::of_request(&state.config.access, &headers, &caller)?;
     let store = state.store()?;
     let turn = store.get_turn(&id).await.map_err(ApiError::store)?;
+    // Someone else's answer is "not found" like one that does not exist.
+    own_conversation(&state, &identity, body.customer_id.clone(), &turn.conversation_id)
+        .await
+        .map_err(|e| if e.status == axum::http::StatusCode::NOT_FOUND { ApiError::store(store::StoreError::not_found("turn", &id)) } else { e })?;
     if let Some(c) = &body.conversation_id {
         if c != &turn.conversation_id {
             return Err(ApiError::invalid_field("conversation_id", "the answer is not part of this conversation"));

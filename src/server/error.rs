@@ -83,6 +83,14 @@ impl ApiError {
         )
     }
 
+    /// 413: one part of the request is over its bound (a message, the message count); `param`
+    /// names it and the message says the bound.
+    pub fn too_large(code: &'static str, field: &str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", code, message);
+        e.param = Some(field.to_string());
+        e
+    }
+
     pub fn unsupported_media_type() -> Self {
         Self::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

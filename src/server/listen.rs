@@ -35,7 +35,12 @@ use crate::retrieval::{build_index, IndexOptions, KnowledgeBase};
 ///
 /// Each connection: HTTP/1.1 with keep-alive; the request head must arrive within
 /// `cfg.header_read_timeout` (also while a kept-alive connection idles) and fit in
-/// `cfg.max_header_bytes`, else the connection is closed (431 for an oversized head).
+/// `cfg.max_header_bytes`, else the connection is closed (431 for an oversized head). A write
+/// that stalls for `cfg.write_timeout` (a reader that stopped reading) closes the connection.
+///
+/// At most `cfg.max_connections` connections are open at once (more get a 503 with
+/// `Retry-After` and are closed), and `cfg.max_connections_per_ip` from one address (more get a
+/// 429), so slow clients cannot use up the file descriptors.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -51,12 +56,22 @@ pub async fn serve(
 
     let graceful = GracefulShutdown::new();
     let mut conns = JoinSet::new();
+    let counts = Arc::new(Mutex::new(ConnCounts::default()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let slot = match ConnSlot::take(&counts, peer.ip(), cfg.max_connections, cfg.max_connections_per_ip) {
+                        Ok(slot) => slot,
+                        Err(refusal) => {
+                            // Answered and closed at once, off the accept loop.
+                            conns.spawn(refuse(stream, refusal));
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
+                    let stream = WriteTimeout::new(stream, cfg.write_timeout);
                     let svc = app.clone().map_request(move |mut req: hyper::Request<Incoming>| {
                         req.extensions_mut().insert(ConnectInfo(peer));
                         req
@@ -64,6 +79,7 @@ pub async fn serve(
                     let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
                     let conn = graceful.watch(conn);
                     conns.spawn(async move {
+                        let _slot = slot;
                         if let Err(e) = conn.await {
                             tracing::debug!(peer = %peer, error = %e, "connection closed with an error");
                         }
@@ -89,6 +105,150 @@ pub async fn serve(
     conns.abort_all();
     while conns.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Open connections, overall and per client address.
+#[derive(Default)]
+struct ConnCounts {
+    total: usize,
+    per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// Why a connection was refused.
+enum Refusal {
+    Overall(usize),
+    PerIp(usize),
+}
+
+/// One open connection, counted until dropped.
+struct ConnSlot {
+    counts: Arc<Mutex<ConnCounts>>,
+    ip: std::net::IpAddr,
+}
+
+impl ConnSlot {
+    fn take(counts: &Arc<Mutex<ConnCounts>>, ip: std::net::IpAddr, max: usize, per_ip: usize) -> Result<ConnSlot, Refusal> {
+        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+        if c.total >= max {
+            return Err(Refusal::Overall(max));
+        }
+        let mine = c.per_ip.get(&ip).copied().unwrap_or(0);
+        if mine >= per_ip {
+            return Err(Refusal::PerIp(per_ip));
+        }
+        c.total += 1;
+        c.per_ip.insert(ip, mine + 1);
+        Ok(ConnSlot { counts: counts.clone(), ip })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Answers a connection over a cap in the error table's shape and closes it (within a second:
+/// a client that does not read is dropped).
+async fn refuse(mut stream: tokio::net::TcpStream, why: Refusal) {
+    use tokio::io::AsyncWriteExt;
+    let (status, code, message) = match why {
+        Refusal::Overall(n) => ("503 Service Unavailable", "too_many_connections", format!("the server has its limit of {n} open connections; retry shortly")),
+        Refusal::PerIp(n) => ("429 Too Many Requests", "too_many_connections", format!("this address has the limit of {n} open connections; close some or retry shortly")),
+    };
+    let kind = if status.starts_with("503") { "server_error" } else { "rate_limit_error" };
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "code": code, "param": null}}).to_string();
+    let resp = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// A socket whose writes may not stall longer than a limit: a client that stops reading (a
+/// stream it no longer consumes) is cut instead of holding the connection and its answer.
+pub struct WriteTimeout<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    pub fn new(inner: S, limit: Duration) -> Self {
+        WriteTimeout { inner, limit, stalled: None }
+    }
+
+    fn on_pending(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let limit = self.limit;
+        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("a write to the client stalled for {limit:?}"),
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteTimeout<S> {
+    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteTimeout<S> {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                this.stalled = None;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => this.on_pending(cx).map(|r| r.map(|()| 0)),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_flush(cx) {
+            std::task::Poll::Ready(r) => {
+                this.stalled = None;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => this.on_pending(cx),
+        }
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            std::task::Poll::Ready(r) => {
+                this.stalled = None;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => this.on_pending(cx).map(|r| r.map(|()| 0)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// `helpline serve`: resolve the config, bind, load the model in the background, serve until

@@ -6,6 +6,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+/// The most distinct handoff reasons `/metrics` labels (the rest are `other`).
+pub const MAX_REASON_LABELS: usize = 32;
+
 use crate::engine::EngineStats;
 
 /// Upper bounds (seconds) of the time-to-first-token buckets.
@@ -141,9 +144,12 @@ impl Metrics {
         *map.entry(outcome).or_insert(0) += 1;
     }
 
+    /// Counts a handoff by reason. Reasons are labels, so their number is bounded: past
+    /// [`MAX_REASON_LABELS`] distinct ones, new reasons count as `other`.
     pub fn handoff(&self, reason: &str) {
         let mut map = self.handoffs.lock().unwrap_or_else(|e| e.into_inner());
-        *map.entry(reason.to_string()).or_insert(0) += 1;
+        let label = if map.contains_key(reason) || map.len() < MAX_REASON_LABELS { reason } else { "other" };
+        *map.entry(label.to_string()).or_insert(0) += 1;
     }
 
     pub fn resolution(&self) {

@@ -1,8 +1,9 @@
 //! Cross-cutting layers, outermost first:
 //! 1. request id + structured log line + per-route metrics (and 413s turned into the error shape);
 //! 2. CORS (only when origins are configured: exact allow-list, no credentials);
-//! 3. API-key auth (every route but `GET /health` when keys are configured);
-//! 4. body limits (Content-Length checked up front, streamed bodies cut at the limit).
+//! 3. the Host allow-list and the CSRF check (see [`same_site`]);
+//! 4. scopes and keys (see `auth`);
+//! 5. body limits (Content-Length checked up front, streamed bodies cut at the limit).
 //!
 //! Then the routes, with JSON 404 / 405 fallbacks.
 
@@ -34,14 +35,124 @@ pub fn apply(app: Router<SharedState>, state: SharedState) -> Router<SharedState
     let app = app
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(state.clone(), read_body))
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .layer(RequestBodyLimitLayer::new(cfg.max_body_bytes))
-        .layer(from_fn_with_state(state.clone(), auth::require_key));
+        .layer(from_fn_with_state(state.clone(), auth::require_key))
+        .layer(from_fn_with_state(state.clone(), same_site));
     let app = match cors_layer(&cfg.cors_origins) {
         Some(cors) => app.layer(cors),
         None => app,
     };
     app.layer(from_fn_with_state(state.clone(), observe))
+}
+
+/// The header a page's script may send instead of a JSON body to show a request is its own (no
+/// other site can send a custom header without the server's CORS consent).
+pub const REQUEST_HEADER: &str = "x-helpline-request";
+
+/// DNS rebinding and CSRF.
+///
+/// - The `Host` header must name this server: an IP address, `localhost`, or a configured
+///   `allowed_host` (a rebinding page presents its own name). Otherwise 403 `host_not_allowed`.
+/// - A state-changing request (any method but GET, HEAD and OPTIONS) must be one another site's
+///   page cannot send without the server's CORS consent: `Content-Type: application/json`, an
+///   `Authorization` header, or `X-Helpline-Request`. Otherwise 403 `csrf_check_failed` (no
+///   content type) or 415 (another content type).
+pub async fn same_site(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    if let Some(host) = req.headers().get(header::HOST) {
+        let name = host.to_str().ok().map(host_name);
+        let allowed = name.as_deref().is_some_and(|n| host_allowed(n, &state.config.allowed_hosts));
+        if !allowed {
+            let shown: String = host.to_str().unwrap_or("(not ASCII)").chars().take(100).collect();
+            return ApiError::forbidden(
+                "host_not_allowed",
+                format!("the Host header {shown:?} is not a name of this server; add it with `--allowed-host` (setting `allowed_host`)"),
+            )
+            .into_response();
+        }
+    }
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe {
+        let h = req.headers();
+        let vouched = h.contains_key(header::AUTHORIZATION) || h.contains_key(REQUEST_HEADER) || h.contains_key("x-requested-with");
+        if !vouched {
+            match h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+                Some(ct) if is_json_type(ct) => {}
+                Some(_) => return ApiError::unsupported_media_type().into_response(),
+                None => {
+                    return ApiError::forbidden(
+                        "csrf_check_failed",
+                        "a state-changing request needs `Content-Type: application/json` (a JSON body, `{}` will do), an `Authorization` header, or `X-Helpline-Request: 1`",
+                    )
+                    .into_response()
+                }
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Reads a request's body whole before the route runs, within `body_read_timeout` (408 naming
+/// the bound otherwise) and `max_body_bytes` (413): a client trickling a body cannot hold a
+/// connection and a handler for longer than that.
+pub async fn read_body(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let has_body = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
+    if !has_body {
+        return next.run(req).await;
+    }
+    let cfg = &state.config;
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(cfg.body_read_timeout, axum::body::to_bytes(body, cfg.max_body_bytes)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            return if too_large {
+                ApiError::payload_too_large(cfg.max_body_bytes).into_response()
+            } else {
+                ApiError::malformed(format!("the request body could not be read: {e}")).into_response()
+            };
+        }
+        Err(_) => {
+            let mut e = ApiError::bad_request(
+                "request_timeout",
+                format!("the request body did not arrive within {} s (`body_read_timeout_secs`)", cfg.body_read_timeout.as_secs()),
+            );
+            e.status = StatusCode::REQUEST_TIMEOUT;
+            return e.into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
+fn is_json_type(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// The host of a `Host` header value, lower case, without the port or a trailing dot.
+fn host_name(value: &str) -> String {
+    let v = value.trim();
+    let name = if let Some(rest) = v.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match v.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => v,
+        }
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// IP literals and `localhost` always; names only when configured (or `*`).
+fn host_allowed(name: &str, allowed: &[String]) -> bool {
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+        || allowed.iter().any(|a| a == "*" || a == name)
 }
 
 /// The CORS layer for an allow-list of exact origins; `None` (CORS off) when the list is empty.

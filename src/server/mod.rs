@@ -10,6 +10,7 @@ pub mod conversations;
 pub mod knowledge;
 pub mod dto;
 pub mod error;
+pub mod identity;
 pub mod listen;
 pub mod metrics;
 pub mod middleware;
@@ -44,6 +45,8 @@ pub struct AppState {
     knowledge: RwLock<Option<KnowledgeBase>>,
     /// Serializes index rebuilds started through the API.
     pub reindexing: tokio::sync::Mutex<()>,
+    /// One policy reload at a time (others get 409).
+    pub reloading_policy: tokio::sync::Mutex<()>,
     /// The policy pack in force; replaced whole on reload, never half-applied.
     policy: RwLock<Option<Arc<ActivePolicy>>>,
     /// Where conversations are kept; chat refuses turns it cannot store.
@@ -54,6 +57,9 @@ pub struct AppState {
     fingerprints: OnceLock<Fingerprints>,
     /// The sentence-embedding model (indexing, retrieval, evidence selection).
     embedder: OnceLock<Arc<crate::embed::Embedder>>,
+    /// Requests being prepared before the engine's queue (validation, grammar compiles, templates,
+    /// tokenizing): `max_preparing` at once, more are answered 429.
+    preparing: Arc<tokio::sync::Semaphore>,
 }
 
 /// What identifies the model an answer came from (audit records, replay).
@@ -69,17 +75,29 @@ pub struct Fingerprints {
 impl AppState {
     pub fn new(config: ServeConfig) -> Arc<Self> {
         Arc::new(AppState {
-            config,
             metrics: Arc::new(Metrics::default()),
             started: Instant::now(),
             loaded: OnceLock::new(),
             knowledge: RwLock::new(None),
             reindexing: tokio::sync::Mutex::new(()),
+            reloading_policy: tokio::sync::Mutex::new(()),
             policy: RwLock::new(None),
             store: OnceLock::new(),
             webhook: OnceLock::new(),
             fingerprints: OnceLock::new(),
             embedder: OnceLock::new(),
+            preparing: Arc::new(tokio::sync::Semaphore::new(config.max_preparing)),
+            config,
+        })
+    }
+
+    /// A place among the requests being prepared, or 429 with `Retry-After` when all are taken.
+    pub fn preparing(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.preparing.clone().try_acquire_owned().map_err(|_| {
+            ApiError::too_many_requests(
+                1,
+                format!("{} requests are being prepared already (`max_preparing`); retry after the Retry-After seconds", self.config.max_preparing),
+            )
         })
     }
 

@@ -13,7 +13,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 
@@ -21,6 +21,7 @@ use super::dto::{
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse, ListObject, ModelCard, ModelList,
     ModelObject, TokenizeRequest, TokenizeResponse,
 };
+use super::auth::{Caller, Scope};
 use super::error::{ApiError, ApiJson};
 use super::sse::{self, Flavor, Meta, Tracker};
 use super::validate::{self, ValidGeneration};
@@ -72,7 +73,17 @@ pub async fn replay(State(state): State<SharedState>, Path(id): Path<String>) ->
     use serde_json::json;
     let turn = state.store()?.get_turn(&id).await.map_err(ApiError::store)?;
     let audit = turn.audit.clone().ok_or_else(|| ApiError::not_found("not_found", format!("answer `{id}` has no audit record to replay")))?;
-    let mut req: ChatCompletionRequest = serde_json::from_value(audit["request"].clone())
+    // The customer's message is kept once, as its own turn; the record names it.
+    let mut request = audit["request"].clone();
+    if let Some(serde_json::Value::Array(messages)) = request.get_mut("messages") {
+        for m in messages.iter_mut() {
+            if let Some(turn_id) = m.as_object_mut().and_then(|o| o.remove("content_in_turn")) {
+                let q = state.store()?.get_turn(turn_id.as_str().unwrap_or_default()).await.map_err(ApiError::store)?;
+                m["content"] = json!(q.content);
+            }
+        }
+    }
+    let mut req: ChatCompletionRequest = serde_json::from_value(request)
         .map_err(|e| ApiError::internal(format!("the audit record's request does not parse: {e}")))?;
     req.stream = Some(false);
     if let Some(h) = req.helpline.as_mut() {
@@ -80,7 +91,8 @@ pub async fn replay(State(state): State<SharedState>, Path(id): Path<String>) ->
         h.customer = None;
     }
     let st = state.clone();
-    let mut chat = blocking(move || validate::chat(&req, &st.config, st.loaded()?)).await?;
+    // Replay runs as the operator's system: the recorded request is replayed as it was accepted.
+    let mut chat = blocking(move || validate::chat(&req, &st.config, st.loaded()?, &Caller { key: Some(Scope::Agent) })).await?;
     // Nothing is stored: the replayed answer is only compared.
     chat.turn.conversation = None;
     let deps = state.turn_deps()?;
@@ -134,12 +146,23 @@ pub async fn replay(State(state): State<SharedState>, Path(id): Path<String>) ->
 )]
 pub async fn chat_completions(
     State(state): State<SharedState>,
+    caller: Option<Extension<Caller>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.loaded()?;
     let st = state.clone();
+    let caller = caller.map(|c| c.0).unwrap_or(Caller { key: None });
+    // Who the customer is: a verified token, the operator's key, or anonymous (where allowed).
+    let identity = super::identity::of_request(&state.config.access, &headers, &caller)?;
+    let permit = state.preparing()?;
     let chat = blocking(move || {
-        let chat = validate::chat(&req, &st.config, st.loaded()?)?;
+        let _permit = permit;
+        let mut chat = validate::chat(&req, &st.config, st.loaded()?, &caller)?;
+        if let Some(conv) = chat.turn.conversation.as_mut() {
+            conv.customer = identity.customer(std::mem::take(&mut conv.customer))?;
+            conv.claim = identity.claim();
+        }
         // Audit records name the model by its hash: computed once, here on a blocking thread.
         st.fingerprints()?;
         Ok(chat)
@@ -211,7 +234,12 @@ fn with_ids(resp: &mut Response, (conversation, answer): &(Option<String>, Optio
 pub async fn completions(State(state): State<SharedState>, ApiJson(req): ApiJson<CompletionRequest>) -> Result<Response, ApiError> {
     state.loaded()?;
     let st = state.clone();
-    let valid = blocking(move || validate::completion(&req, &st.config, st.loaded()?)).await?;
+    let permit = state.preparing()?;
+    let valid = blocking(move || {
+        let _permit = permit;
+        validate::completion(&req, &st.config, st.loaded()?)
+    })
+    .await?;
     generate_text(state, valid).await
 }
 

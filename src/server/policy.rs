@@ -79,21 +79,34 @@ pub async fn policy_status(State(state): State<SharedState>) -> Result<Json<Poli
     )
 )]
 pub async fn reload(State(state): State<SharedState>) -> Result<Json<PolicyStatus>, ApiError> {
+    // One at a time: each reload compiles the pack's grammars (CPU for seconds).
+    let Ok(_one) = state.reloading_policy.try_lock() else {
+        return Err(ApiError::conflict("reload_in_progress", "a policy reload is already running; retry when it has finished"));
+    };
     let st = state.clone();
-    let loaded = tokio::task::spawn_blocking(move || -> Result<ActivePolicy, String> {
+    let loaded = tokio::task::spawn_blocking(move || -> Result<Option<ActivePolicy>, String> {
         let p = ActivePolicy::load(&st.config.grounding.policy_file).map_err(|e| e.to_string())?;
+        // The same pack as in force: nothing to compile, and the warm grammar caches stay.
+        if st.policy().is_ok_and(|cur| cur.pack == p.pack) {
+            return Ok(None);
+        }
         // Every article a decision rule quotes is in the index.
         crate::turn::check_decision_articles(&p, st.knowledge().ok().as_ref())?;
         // The new pack's grammars compile before it is put in force (never a half-working pack).
         if let Ok(l) = st.loaded() {
             p.precompile(&l.guard, st.config.grounding.passages).map_err(|e| format!("the pack's grammar does not compile: {e}"))?;
         }
-        Ok(p)
+        Ok(Some(p))
     })
     .await
     .map_err(ApiError::internal)?;
     match loaded {
-        Ok(p) => {
+        Ok(None) => {
+            state.metrics.policy_reload("unchanged");
+            let cur = state.policy()?;
+            Ok(Json(status_of(&cur, &state)))
+        }
+        Ok(Some(p)) => {
             state.metrics.policy_reload("ok");
             let status = status_of(&p, &state);
             state.set_policy(p);

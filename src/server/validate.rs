@@ -63,11 +63,13 @@ pub struct ValidChat {
 }
 
 /// `POST /v1/chat/completions`: model, sampling, messages, the grounding choice and the answer mode.
-pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> Result<ValidChat, ApiError> {
+pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded, caller: &super::auth::Caller) -> Result<ValidChat, ApiError> {
     check_model(req.model.as_deref(), cfg, &loaded.bundle)?;
     let sampling = sampling(&req.sampling(), cfg)?;
     let messages = chat_messages(req.messages.as_deref().unwrap_or_default())?;
+    message_bounds(&messages, cfg)?;
     let ext = req.helpline.clone().unwrap_or_default();
+    customer_may(req, &ext, cfg, caller, sampling.structure.as_ref())?;
     let grounded = ext.grounding.unwrap_or(cfg.grounding.enabled);
     let structured = sampling.structure.as_ref().map(|s| compile_structure(s, cfg, loaded)).transpose()?;
     let mode = answer_mode(&ext, grounded, structured.is_some(), cfg)?;
@@ -86,7 +88,8 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> 
         }
         None
     };
-    let conversation = conversation(&ext)?;
+    let mut conversation = conversation(&ext)?;
+    conversation.max_turns = Some(cfg.max_conversation_turns);
     let turn = crate::turn::Request {
         messages,
         sampling: crate::turn::Sampling { params: sampling.params, max_tokens: sampling.max_tokens, stop: sampling.stop },
@@ -98,6 +101,63 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded) -> 
         for_agent: false,
     };
     Ok(ValidChat { turn, stream: sampling.stream, include_usage: sampling.include_usage })
+}
+
+/// The request fields a customer may use only when the operator allows it (agents and admins may
+/// use them all): turning grounding off, structured outputs, system messages. Refused with 403
+/// `field_not_allowed` naming the field and the setting.
+fn customer_may(
+    req: &ChatCompletionRequest,
+    ext: &super::dto::HelplineSampling,
+    cfg: &ServeConfig,
+    caller: &super::auth::Caller,
+    structure: Option<&StructureSpec>,
+) -> Result<(), ApiError> {
+    if caller.is_trusted() {
+        return Ok(());
+    }
+    let a = &cfg.access;
+    let refuse = |field: &str, setting: &str, what: &str| {
+        let mut e = ApiError::forbidden("field_not_allowed", format!("`{field}`: {what} is not open to customers on this server (the `{setting}` setting)"));
+        e.param = Some(field.to_string());
+        e
+    };
+    if ext.grounding == Some(false) && !a.customer_grounding_off {
+        return Err(refuse("helpline.grounding", "customer_grounding_off", "turning grounding off"));
+    }
+    if !a.customer_answer_mode {
+        if ext.answer_mode.is_some() {
+            return Err(refuse("helpline.answer_mode", "customer_answer_mode", "choosing the answer mode"));
+        }
+        if ext.quote.is_some() {
+            return Err(refuse("helpline.quote", "customer_answer_mode", "choosing the answer mode"));
+        }
+    }
+    if let Some(s) = structure {
+        if !a.customer_structured_outputs {
+            let field = if s.param.starts_with("response_format") { "response_format" } else { "helpline.grammar" };
+            return Err(refuse(field, "customer_structured_outputs", "a structured output"));
+        }
+    }
+    // A customer's request ends with the customer's message: the bot's words are not theirs to
+    // begin (an assistant prefix would be the customer writing the bot's answer).
+    let msgs = req.messages.as_deref().unwrap_or_default();
+    if let Some((i, last)) = msgs.iter().enumerate().last() {
+        if last.role != Role::User {
+            return Err(ApiError::invalid_field(
+                "messages",
+                format!("the last message must be the customer's (role `user`); messages[{i}] is `{}`", last.role.template_name()),
+            ));
+        }
+    }
+    if !a.customer_system_messages {
+        for (i, m) in msgs.iter().enumerate() {
+            if matches!(m.role, Role::System | Role::Developer) {
+                return Err(refuse(&format!("messages[{i}].role"), "customer_system_messages", "a system message"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `helpline.answer_mode` (or the older `helpline.quote`), within the modes the operator allows;
@@ -276,7 +336,7 @@ pub fn conversation(ext: &super::dto::HelplineSampling) -> Result<crate::turn::C
             customer.attributes = attrs.clone();
         }
     }
-    Ok(crate::turn::ConversationRef { id: ext.conversation_id.clone(), customer })
+    Ok(crate::turn::ConversationRef { id: ext.conversation_id.clone(), customer, claim: crate::turn::Claim::Operator, max_turns: None })
 }
 
 /// `response_format` and `helpline.grammar`: at most one, of a known type, with what it needs.
@@ -342,6 +402,10 @@ pub fn compile_structure(spec: &StructureSpec, cfg: &ServeConfig, loaded: &Loade
         max_grammar_bytes: cfg.grammar.max_bytes,
         max_depth: cfg.grammar.max_depth,
         compile_budget: cfg.grammar.compile_budget,
+        mask_budget: Some(cfg.grammar.mask_budget),
+        // llguidance's own limits as it ships them (sized for JSON schemas), not the raised fuel
+        // the operator's pack needs: a client's grammar is stopped early.
+        parser: llguidance::api::ParserLimits { verbose_errors: false, ..Default::default() },
         ..GuardLimits::default()
     };
     let guard = loaded.guard.compile_within(&spec.constraint, &limits).map_err(|e| {
@@ -502,6 +566,30 @@ pub fn stop_strings(stop: Option<&Stop>) -> Result<Vec<String>, ApiError> {
         return Err(ApiError::invalid_field("stop", "`stop` strings must not be empty"));
     }
     Ok(list.to_vec())
+}
+
+/// At most `max_messages` messages of at most `max_message_chars` characters each (413 naming
+/// the message and the bound): checked before anything costly, and before anything is stored.
+pub fn message_bounds(messages: &[ChatMessage], cfg: &ServeConfig) -> Result<(), ApiError> {
+    if messages.len() > cfg.max_messages {
+        return Err(ApiError::too_large(
+            "too_many_messages",
+            "messages",
+            format!("`messages` holds {} messages; at most {} are accepted (`max_messages`)", messages.len(), cfg.max_messages),
+        ));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let n = m.content.chars().count();
+        if n > cfg.max_message_chars {
+            let field = format!("messages[{i}].content");
+            return Err(ApiError::too_large(
+                "message_too_long",
+                &field,
+                format!("`{field}` has {n} characters; at most {} are accepted (`max_message_chars`)", cfg.max_message_chars),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// OpenAI messages -> template messages. Text parts are joined with newlines; only `assistant`

@@ -303,7 +303,8 @@ fn lock_row<D: Dialect>(_pool: &D) -> &'static str {
 macro_rules! conversation_cols {
     () => {
         "id, customer_id, account_id, plan, locale, attributes, status, created_ms, \
-         updated_ms, turns, handoff, fb_helpful, fb_resolved, fb_comment, fb_at_ms"
+         updated_ms, turns, handoff, fb_helpful, fb_resolved, fb_comment, fb_at_ms, \
+         customer_verified"
     };
 }
 macro_rules! turn_cols {
@@ -340,6 +341,7 @@ fn conversation_from_row(r: &impl RowGet) -> Result<Conversation, StoreError> {
             plan: r.opt_text("plan")?,
             locale: r.opt_text("locale")?,
             attributes: from_json_text(&r.text("attributes")?, "conversations.attributes")?,
+            verified: r.int("customer_verified")? != 0,
         },
         status: ConversationStatus::from_db(&r.text("status")?)?,
         created_ms: r.int("created_ms")?,
@@ -641,8 +643,8 @@ impl Store {
                 let mut tx = pool.begin_write().await?;
                 let inserted = sqlx::query(
                     "INSERT INTO conversations (id, customer_id, account_id, plan, locale, \
-                 attributes, status, created_ms, updated_ms, turns) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $7, 0) \
+                 attributes, status, created_ms, updated_ms, turns, customer_verified) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $7, 0, $8) \
                  ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(&id)
@@ -652,6 +654,7 @@ impl Store {
                 .bind(&customer.locale)
                 .bind(&attributes)
                 .bind(now)
+                .bind(customer.verified as i64)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected()
@@ -840,6 +843,25 @@ impl Store {
                 let turn = turn_from_row(&row)?;
                 tx.commit().await?;
                 Ok(turn)
+            }
+        )
+    }
+
+    /// A conversation without its turns.
+    pub async fn conversation_head(&self, id: &str) -> Result<Conversation, StoreError> {
+        dispatch!(
+            self,
+            read | pool | {
+                let row = sqlx::query(concat!(
+                    "SELECT ",
+                    conversation_cols!(),
+                    " FROM conversations WHERE id = $1"
+                ))
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+                .ok_or_else(|| StoreError::not_found("conversation", id))?;
+                conversation_from_row(&row)
             }
         )
     }

@@ -25,6 +25,10 @@ pub struct Customer {
     /// Free-form facts the caller wants kept with the conversation.
     #[serde(default)]
     pub attributes: Map<String, Value>,
+    /// The id (and details) came from a customer token the server verified, not from the request.
+    /// Set when the conversation is created; kept for its whole life.
+    #[serde(default)]
+    pub verified: bool,
 }
 
 /// Where a conversation stands.
@@ -220,6 +224,10 @@ pub struct ExportRecord {
 pub struct PurgeReport {
     pub conversations: u64,
     pub turns: u64,
+    /// Knowledge-base drafts made from the purged conversations, removed with them (the server
+    /// fills this in; the store knows nothing of drafts).
+    #[serde(default)]
+    pub drafts: u64,
 }
 
 /// Totals for monitoring, computed with grouped `COUNT`s.

@@ -73,7 +73,10 @@ const MIGRATIONS: &[&[&str]] = &[&[
     "CREATE INDEX deliveries_due ON deliveries (status, next_attempt_ms)",
     "CREATE INDEX deliveries_conversation ON deliveries (conversation_id)",
     "CREATE INDEX deliveries_customer ON deliveries (customer_id)",
-]];
+],
+// 2: whether the conversation's customer was verified by a signed customer token (such a
+// conversation is only ever continued by the same verified customer).
+&["ALTER TABLE conversations ADD COLUMN customer_verified BIGINT NOT NULL DEFAULT 0"]];
 
 const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
     version BIGINT PRIMARY KEY,

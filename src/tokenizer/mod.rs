@@ -264,6 +264,65 @@ impl Tokenizer {
         Ok(out)
     }
 
+    /// Token ids for text made of parts, each with its own `parse_special`: the chat template's
+    /// own text (its turn markers are special tokens) and the messages' contents (never parsed for
+    /// control tokens: a customer typing `<|im_end|>` gets those characters, not a turn marker).
+    /// Text on both sides of a part boundary is tokenized together, as one string would be.
+    pub fn encode_parts(&self, parts: &[(&str, bool)]) -> Result<Vec<u32>, TokenizerError> {
+        if let Model::Hf(hf) = &*self.model {
+            let mut out = Vec::new();
+            for (text, special) in parts {
+                out.extend(hf.encode(text, *special)?);
+            }
+            return Ok(out);
+        }
+        // One fragment list: each part partitioned with its flag, adjacent text joined.
+        let mut frags: Vec<OwnedFragment> = Vec::new();
+        for (text, special) in parts {
+            for f in self.vocab.partition(text, *special) {
+                match (f, frags.last_mut()) {
+                    (Fragment::Text(t), Some(OwnedFragment::Text(prev))) => prev.push_str(t),
+                    (Fragment::Text(t), _) => frags.push(OwnedFragment::Text(t.to_string())),
+                    (Fragment::Token(id), _) => frags.push(OwnedFragment::Token(id)),
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(frags.len() * 4);
+        match &*self.model {
+            Model::Spm(spm) => {
+                let mut prev_special = true;
+                let mut buf = String::new();
+                for frag in &frags {
+                    match frag {
+                        OwnedFragment::Token(id) => {
+                            out.push(*id);
+                            prev_special = true;
+                        }
+                        OwnedFragment::Text(s) => {
+                            buf.clear();
+                            if self.add_space_prefix && prev_special {
+                                buf.push(' ');
+                            }
+                            buf.push_str(s);
+                            spm.encode(&self.vocab, &spm::escape_whitespace(&buf), &mut out);
+                            prev_special = false;
+                        }
+                    }
+                }
+            }
+            Model::Bpe(bpe) => {
+                for frag in &frags {
+                    match frag {
+                        OwnedFragment::Token(id) => out.push(*id),
+                        OwnedFragment::Text(s) => bpe.encode(&self.vocab, s, &mut out)?,
+                    }
+                }
+            }
+            Model::Hf(_) => unreachable!("handled above"),
+        }
+        Ok(out)
+    }
+
     /// The raw bytes token `id` stands for (byte-level BPE decoded, SentencePiece '▁' as ' ',
     /// `<0xAB>` as the byte 0xAB). Control, unknown and user-defined tokens: their text. Unused
     /// tokens and unknown ids: empty.
@@ -368,4 +427,10 @@ fn bpe_piece(text: &str, ty: TokenType) -> Vec<u8> {
         TokenType::Control | TokenType::Unknown | TokenType::UserDefined => text.as_bytes().to_vec(),
         TokenType::Unused | TokenType::Undefined => Vec::new(),
     }
+}
+
+/// A fragment of [`Tokenizer::encode_parts`]'s input, owning its text (parts' texts are joined).
+enum OwnedFragment {
+    Text(String),
+    Token(u32),
 }

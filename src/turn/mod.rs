@@ -41,7 +41,7 @@ use crate::webhook::Webhook;
 use check::{Checker, GivenUnit};
 use evidence::Selection;
 use precheck::PreCheck;
-pub use record::ConversationRef;
+pub use record::{Claim, ConversationRef};
 use record::{Recorder, Sampled};
 use report::{
     BudgetOut, CitedBy, Dropped, EvidenceOut, FinishReason, GateOut, GroundingInfo, GroundingStatus, GuardAction, GuardInfo, HandoffInfo,
@@ -332,6 +332,18 @@ pub async fn run(deps: &Deps, req: Request) -> Result<Answer, TurnError> {
         (Some(store), Some(c)) => Some(record::open(store, c).await?),
         _ => None,
     };
+    if let (Some(conv), Some(max)) = (&conversation, req.conversation.as_ref().and_then(|c| c.max_turns)) {
+        // A turn adds the customer's message and the answer.
+        if conv.turns + 2 > max {
+            return Err(TurnError::Invalid {
+                field: "helpline.conversation_id".into(),
+                message: format!(
+                    "conversation `{}` has {} turns; a conversation holds at most {max} (`max_conversation_turns`): start a new one",
+                    conv.id, conv.turns
+                ),
+            });
+        }
+    }
     if conversation.as_ref().is_some_and(|c| c.status == ConversationStatus::HandedOff) {
         let plan = handed_off(deps);
         return answer_fixed(deps, &req, conversation, plan).await;

@@ -32,33 +32,51 @@ fn words(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric() && c != '\'').filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
 }
 
-/// Runs every pre-check on the turn's customer messages. `turns` are the conversation's messages
-/// (oldest first) ending with the latest customer message; `is_refusal` tells the bot's refusals
-/// (for the repeated-failure trigger); `offered` whether the bot's previous answer offered a person.
+/// Runs every pre-check on the turn's customer messages. `messages` are the conversation's
+/// (oldest first); `refusals` tell the bot's refusals (for the repeated-failure trigger).
+///
+/// The turn's customer messages are the run of `user` messages at the end of the conversation,
+/// once any trailing assistant messages are set aside: a client cannot skip a check by ending with
+/// an assistant message, nor by sending two customer messages and a harmless last one. Escalation,
+/// out of scope and decisions run on every one of them; accepting an offer of a person and small
+/// talk are read from the latest alone.
 pub fn precheck(policy: &ActivePolicy, messages: &[ChatMessage], refusals: &[&str]) -> Option<PreCheck> {
-    let turns: Vec<Turn<'_>> = messages
+    let mut turns: Vec<Turn<'_>> = messages
         .iter()
         .filter(|m| m.role == "user" || m.role == "assistant")
         .map(|m| Turn { from_customer: m.role == "user", text: &m.content })
         .collect();
-    let latest = turns.last().filter(|t| t.from_customer)?;
+    while turns.last().is_some_and(|t| !t.from_customer) {
+        turns.pop();
+    }
+    let latest = *turns.last()?;
+    let first_new = turns.iter().rposition(|t| !t.from_customer).map_or(0, |i| i + 1);
+    let new: Vec<&str> = turns[first_new..].iter().map(|t| t.text).collect();
     let pack = &policy.pack;
     let is_refusal = |t: &str| refusals.iter().any(|r| r.trim() == t.trim()) || pack.out_of_scope.iter().any(|r| r.reply.trim() == t.trim());
-    if let Some(fired) = policy.triggers.escalation(&turns, &is_refusal) {
-        return Some(PreCheck::Handoff(fired));
+    // Escalation reads the conversation up to each new customer message (a trigger in any of
+    // them fires, not only in the last).
+    for end in first_new + 1..=turns.len() {
+        if let Some(fired) = policy.triggers.escalation(&turns[..end], &is_refusal) {
+            return Some(PreCheck::Handoff(fired));
+        }
     }
-    if let Some((fired, reply)) = policy.triggers.out_of_scope(latest.text) {
-        return Some(PreCheck::OutOfScope(fired, reply.to_string()));
+    for text in &new {
+        if let Some((fired, reply)) = policy.triggers.out_of_scope(text) {
+            return Some(PreCheck::OutOfScope(fired, reply.to_string()));
+        }
     }
     let previous_bot = turns.iter().rev().skip(1).find(|t| !t.from_customer).map(|t| t.text);
     if accepts_offer(latest.text) && previous_bot.is_some_and(offers_person) {
         return Some(PreCheck::Handoff(Fired { rule: "accepted-offer".into(), reason: "customer_request".into() }));
     }
-    if let Some(d) = policy.triggers.decision(latest.text) {
-        return Some(PreCheck::Decision(d));
+    for text in &new {
+        if let Some(d) = policy.triggers.decision(text) {
+            return Some(PreCheck::Decision(d));
+        }
     }
     let w = words(latest.text);
-    if !w.is_empty() && w.len() <= 6 && !latest.text.contains('?') {
+    if new.len() == 1 && !w.is_empty() && w.len() <= 6 && !latest.text.contains('?') {
         if w.iter().all(|x| GREETINGS.contains(&x.as_str())) {
             return Some(PreCheck::SmallTalk(pack.messages.greeting.clone()));
         }

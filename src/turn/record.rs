@@ -16,6 +16,36 @@ use crate::store::{self, Conversation, ConversationStatus, Customer, Role, Store
 pub struct ConversationRef {
     pub id: Option<String>,
     pub customer: Customer,
+    /// How the caller may reach a stored conversation.
+    pub claim: Claim,
+    /// The most turns the conversation may hold (this turn adds two); none: no bound.
+    pub max_turns: Option<i64>,
+}
+
+/// Who is asking to continue a conversation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Claim {
+    /// The operator's own systems (agent or admin keys, replay, assist): any conversation, the
+    /// customer's details merged in.
+    #[default]
+    Operator,
+    /// A customer verified by a signed token: only conversations started by that same verified
+    /// customer; the token's details win.
+    Verified,
+    /// A customer as the request asserts it (anonymous chat): only conversations started without a
+    /// token under the same asserted id (or none); the details stay as they were first given.
+    Anonymous,
+}
+
+impl Claim {
+    /// Whether this caller, asserting `customer`, may continue a conversation stored with `stored`.
+    pub fn may_use(self, customer: &Customer, stored: &Customer) -> bool {
+        match self {
+            Claim::Operator => true,
+            Claim::Verified => stored.verified && stored.id == customer.id,
+            Claim::Anonymous => !stored.verified && stored.id == customer.id,
+        }
+    }
 }
 
 /// The stored answer of one chat turn, until it is completed.
@@ -24,6 +54,8 @@ pub struct Recorder {
     observer: Arc<dyn Observer>,
     pub conversation: Conversation,
     pub answer_id: String,
+    /// The customer's message of this turn as stored: its turn id and text.
+    question: (String, String),
     /// The text sent so far (what a disconnected answer is stored with).
     partial: String,
     audit: Value,
@@ -31,7 +63,25 @@ pub struct Recorder {
 }
 
 /// The stored conversation a turn belongs to (created when new).
+///
+/// A customer naming a conversation that is not theirs (another customer's, a verified one from an
+/// anonymous request, or an anonymous one under another or no id) gets "not found": neither its
+/// existence nor its details leak, and nothing is appended or overwritten.
 pub async fn open(store: &Store, conv: &ConversationRef) -> Result<Conversation, StoreError> {
+    if let (Some(id), true) = (&conv.id, conv.claim != Claim::Operator) {
+        match store.conversation_head(id).await {
+            Ok(existing) => {
+                if !conv.claim.may_use(&conv.customer, &existing.customer) {
+                    return Err(StoreError::not_found("conversation", id));
+                }
+                if conv.claim == Claim::Anonymous {
+                    return Ok(existing);
+                }
+            }
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
     store.ensure_conversation(conv.id.as_deref(), &conv.customer).await
 }
 
@@ -39,10 +89,19 @@ impl Recorder {
     /// Commits the customer's message and a pending answer (both durable when this returns).
     pub async fn begin(store: &Store, observer: Arc<dyn Observer>, conversation: Conversation, message: &str) -> Result<Recorder, StoreError> {
         let started = Instant::now();
-        store.append_turn(&conversation.id, Role::Customer, message, TurnState::Complete).await?;
+        let question = store.append_turn(&conversation.id, Role::Customer, message, TurnState::Complete).await?;
         let answer = store.append_turn(&conversation.id, Role::Bot, "", TurnState::Pending).await?;
         observer.store_write(started.elapsed().as_secs_f64());
-        Ok(Recorder { store: store.clone(), observer, conversation, answer_id: answer.id, partial: String::new(), audit: Value::Null, done: false })
+        Ok(Recorder {
+            store: store.clone(),
+            observer,
+            conversation,
+            answer_id: answer.id,
+            question: (question.id, message.to_string()),
+            partial: String::new(),
+            audit: Value::Null,
+            done: false,
+        })
     }
 
     /// Whether a person already has this conversation (the bot then does not answer).
@@ -50,7 +109,18 @@ impl Recorder {
         self.conversation.status == ConversationStatus::HandedOff
     }
 
-    pub fn set_audit(&mut self, audit: Value) {
+    /// Keeps the audit record for the answer. The customer's message is already stored as its own
+    /// turn, so the record's copy of the request names that turn instead of holding the text again
+    /// (`content_in_turn`; replay reads it back).
+    pub fn set_audit(&mut self, mut audit: Value) {
+        if let Some(Value::Array(messages)) = audit.get_mut("request").and_then(|r| r.get_mut("messages")) {
+            if let Some(last) = messages.iter_mut().rev().find(|m| m["role"] == "user") {
+                if last["content"].as_str() == Some(self.question.1.as_str()) {
+                    last["content"] = Value::Null;
+                    last["content_in_turn"] = json!(self.question.0);
+                }
+            }
+        }
         self.audit = audit;
     }
 

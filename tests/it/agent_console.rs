@@ -64,6 +64,7 @@ async fn seed(server: &TestServer) {
         plan: Some("pro".into()),
         locale: Some("en".into()),
         attributes: serde_json::Map::from_iter([("region".to_string(), json!("eu"))]),
+        verified: false,
     };
     store.ensure_conversation(Some(CONV), &customer).await.unwrap();
     store.append_turn(CONV, Role::Customer, FIRST_MESSAGE, TurnState::Complete).await.unwrap();
@@ -87,7 +88,7 @@ async fn seed(server: &TestServer) {
         .await
         .unwrap();
     // The customer's "Talk to a human" (customer scope: no agent key).
-    let resp = server.post_json(&format!("/v1/conversations/{CONV}/handoff"), &json!({"reason": "customer_request"})).await;
+    let resp = server.post_json(&format!("/v1/conversations/{CONV}/handoff"), &json!({"reason": "customer_request", "customer_id": "cust-42"})).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
 
     let other = Customer { id: Some("cust-99".into()), ..Default::default() };

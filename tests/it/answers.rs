@@ -215,7 +215,7 @@ async fn decisions_are_answered_with_the_rule_and_a_person_never_a_verdict() {
     let verdicts = ae::Matcher::load(&root().join("eval/verdicts.json")).unwrap();
     assert!(verdicts.hits(&text).is_empty(), "no eligibility verdict: {:?} in {text}", verdicts.hits(&text));
     assert_only_quotes(&text, &server.state.knowledge().unwrap(), &server.state.policy().unwrap());
-    let metrics = server.get("/metrics").await.text();
+    let metrics = server.admin_get("/metrics").await.text();
     assert!(metrics.contains("helpline_guard_rules_total{rule=\"refund-eligibility\",action=\"decision\"} 1"), "{metrics}");
     // The audit record names the decision rule.
     let answer_id = h["answer_id"].as_str().unwrap();
@@ -282,7 +282,7 @@ async fn generated_sentences_never_state_a_number_the_evidence_lacks() {
     }
     eprintln!("sentence checks over {} questions: kept {kept}, replaced {replaced}, dropped {dropped}", questions.len());
     assert!(replaced + dropped > 0, "the 135M model states something unsupported on these questions, and the check catches it");
-    let metrics = server.get("/metrics").await.text();
+    let metrics = server.admin_get("/metrics").await.text();
     assert!(metrics.contains("helpline_checked_sentences_total{outcome=\"kept\"}"), "{metrics}");
     server.shutdown().await;
 }

@@ -347,6 +347,7 @@ async fn server_on_a_docs_copy() -> (TestServer, tempfile::TempDir) {
     cfg.grounding.docs_dir = docs;
     cfg.grounding.index_dir = index.clone();
     cfg.conversations.agent_key_hashes.push(helpline::server::auth::digest(AGENT_KEY));
+    cfg.access.admin_key_hashes.push(helpline::server::auth::digest(crate::server_support::ADMIN_KEY));
     let state = AppState::new(cfg);
     state.set_knowledge(support::open_kb(&index).unwrap());
     (serve_state(state).await, tmp)
@@ -394,7 +395,7 @@ async fn kb_draft_is_kept_out_of_the_index_until_approved() {
     assert_eq!(listed[0]["source_conversation"], "conv-kb");
 
     // A re-index does not pick the draft up.
-    let reload = ok(&server.agent_post_json("/v1/index/reload", &json!({})).await);
+    let reload = ok(&server.admin_post_json("/v1/index/reload", &json!({})).await);
     assert!(reload["report"]["files"].as_array().unwrap().iter().any(|f| f["path"] == format!("drafts/{id}.md") && f["status"] == "excluded"), "{reload:#}");
     let before = retrieve(&server, "reconcile Zanzibar ledger").await;
     assert!(before["data"].as_array().unwrap().iter().all(|p| p["doc_id"] != id.as_str()), "{before:#}");
@@ -472,4 +473,24 @@ async fn agent_assist_routes_need_the_agent_key() {
     // The agent key gets through (the drafts list needs neither model nor index).
     let listed = ok(&server.agent_get("/v1/kb/drafts").await);
     assert!(listed["data"].is_array());
+}
+
+/// A KB draft quotes the customer's question: deleting the customer (or retention purging the
+/// conversation) removes the draft too, and the atomic writes leave no temporary file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kb_drafts_go_with_their_customer() {
+    let (server, tmp) = server_on_a_docs_copy().await;
+    let docs = tmp.path().join("docs");
+    let question = "Why does my Quokka export stop at row 4096?";
+    stored(&server, "conv-kb-purge", &[(Role::Customer, question, Value::Null), (Role::Bot, "I'm sorry, I can't answer that.", json!({"grounding": {"status": "no_relevant_docs"}}))]).await;
+    ok(&server.agent_post_json("/v1/conversations/conv-kb-purge/messages", &json!({"content": "Exports are paged: select Next page to get the rest."})).await);
+    let k = ok(&server.agent_post_json("/v1/assist/kb-draft", &json!({"conversation_id": "conv-kb-purge"})).await);
+    let path = docs.join(k["path"].as_str().unwrap());
+    assert!(std::fs::read_to_string(&path).unwrap().contains(question));
+    let purged = ok(&server.agent_delete("/v1/customers/cust-1").await);
+    assert_eq!(purged["conversations"], 1, "{purged}");
+    assert_eq!(purged["drafts"], 1, "{purged}");
+    assert!(!path.exists(), "the draft is gone with its customer");
+    let left: Vec<String> = std::fs::read_dir(docs.join("drafts")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.iter().all(|n| !n.ends_with(".tmp")), "{left:?}");
 }

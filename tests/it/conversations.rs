@@ -15,7 +15,8 @@ use crate::server_support::{start_server, TestServer, AGENT_KEY};
 use crate::support;
 
 fn config() -> ServeConfig {
-    ServeConfig { default_max_tokens: 48, ..Default::default() }
+    // Customers may choose the answer mode here (audit and replay of each mode).
+    ServeConfig { default_max_tokens: 48, access: helpline::config::AccessConfig { customer_answer_mode: true, ..Default::default() }, ..Default::default() }
 }
 
 fn turn(question: &str, conversation: &str, extra: Value) -> Value {
@@ -359,10 +360,13 @@ async fn a_webhook_receiver_that_is_down_gets_a_dead_letter() {
     let id = "conv-dead-letter";
     ok(&server.post_json("/v1/chat/completions", &turn("How do I export my data?", id, json!({}))).await);
     // The customer asks for a person through the customer-scope route (the chat page's button).
-    let h = ok(&server.post_json(&format!("/v1/conversations/{id}/handoff"), &json!({})).await);
-    assert_eq!(h["conversation"]["status"], "handed_off");
-    assert_eq!(h["summary"]["requested_by"], "customer");
-    assert_valid(&h["summary"], &handoff_schema(), "summary");
+    // Anonymous chat: the customer names the id the conversation was started with.
+    let h = ok(&server.post_json(&format!("/v1/conversations/{id}/handoff"), &json!({"customer_id": "cust-1"})).await);
+    assert_eq!((h["status"].as_str(), h["handed_off_now"].as_bool()), (Some("handed_off"), Some(true)), "{h}");
+    assert!(h.get("summary").is_none() && h.get("conversation").is_none(), "a customer learns only that it happened: {h}");
+    let summary = conversation(&server, id).await["conversation"]["handoff"]["summary"].clone();
+    assert_eq!(summary["requested_by"], "customer");
+    assert_valid(&summary, &handoff_schema(), "summary");
     let dead = wait_until(Duration::from_secs(20), "a dead letter", async || {
         let d = ok(&server.agent_get("/v1/deliveries?status=dead").await);
         (!d["data"].as_array().unwrap().is_empty()).then_some(d)
@@ -372,7 +376,7 @@ async fn a_webhook_receiver_that_is_down_gets_a_dead_letter() {
     assert_eq!(d["attempts"], 3, "{d}");
     assert!(d["last_error"].as_str().unwrap().contains("3 attempts"), "{d}");
     assert_eq!(d["payload"]["conversation_id"], id);
-    let metrics = server.get("/metrics").await.text();
+    let metrics = server.admin_get("/metrics").await.text();
     assert!(metrics.contains("helpline_webhook_deliveries{status=\"dead\"} 1"), "{metrics}");
     server.shutdown().await;
 }
@@ -410,17 +414,17 @@ async fn scopes_feedback(database_url: Option<String>) {
     assert_eq!(server.agent_post_json("/v1/chat/completions", &turn("Hi", "conv-scope-2", json!({"max_tokens": 4}))).await.status, 200);
 
     // Feedback: on the answer (customer scope) and on the conversation.
-    let fb = json!({"helpful": true, "resolved": true, "comment": "clear"}).to_string();
+    let fb = json!({"helpful": true, "resolved": true, "comment": "clear", "customer_id": "cust-1"}).to_string();
     let r = server.request("POST", &format!("/v1/answers/{answer}/feedback"), &customer, fb.as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = server.request("POST", "/v1/conversations/conv-scope/feedback", &customer, json!({"resolved": true}).to_string().as_bytes()).await;
+    let r = server.request("POST", "/v1/conversations/conv-scope/feedback", &customer, json!({"resolved": true, "customer_id": "cust-1"}).to_string().as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let bad = server.request("POST", &format!("/v1/answers/{answer}/feedback"), &customer, b"{}").await;
     assert_eq!(bad.status, 422);
     let c = conversation(&server, "conv-scope").await;
     assert_eq!(c["turns"][1]["feedback"]["helpful"], true);
     assert_eq!(c["conversation"]["feedback"]["resolved"], true);
-    let metrics = server.agent_get("/metrics").await.text();
+    let metrics = server.admin_get("/metrics").await.text();
     for needle in ["helpline_helpful_rate 1", "helpline_feedback_total{kind=\"answer\",value=\"helpful\"} 1", "helpline_conversations{status=\"open\"}", "helpline_store_write_seconds_count"] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
     }
@@ -510,7 +514,7 @@ async fn a_client_that_goes_away_leaves_a_disconnected_answer() {
     let id = "conv-gone";
     let mut body = turn("Tell me everything about invoices and payment methods.", id, json!({"stream": true, "max_tokens": 400, "helpline": {"conversation_id": id, "grounding": false}}));
     body["messages"][0]["content"] = json!("Write a long story about a cat.");
-    let mut s = server.stream("/v1/chat/completions", &body).await;
+    let mut s = server.agent_stream("/v1/chat/completions", &body).await;
     for _ in 0..4 {
         s.next_data().await.expect("a chunk");
     }
@@ -557,11 +561,12 @@ async fn purge_and_fields(cfg: ServeConfig) {
     let bad = server.post_json("/v1/chat/completions", &body).await;
     assert_eq!(bad.status, 422);
     assert_eq!(bad.json()["error"]["param"], "helpline.customer.attributes");
-    // Another customer's conversation id: 409, and nothing is generated.
+    // Another customer's conversation id: "not found" (its existence does not leak), and nothing
+    // is generated.
     let mut body = turn("Hi", "conv-purge-2", json!({"max_tokens": 4}));
     ok(&server.post_json("/v1/chat/completions", &body).await);
     body["helpline"]["customer"]["id"] = json!("someone-else");
-    assert_eq!(server.post_json("/v1/chat/completions", &body).await.status, 409);
+    assert_eq!(server.post_json("/v1/chat/completions", &body).await.status, 404);
     let _ = AGENT_KEY;
     server.shutdown().await;
 }

@@ -464,3 +464,21 @@ fn error_names_the_file() {
         .to_string();
     assert!(missing.contains("/nonexistent/x.gguf"), "{missing}");
 }
+
+/// An array is charged its size in memory, not in the file: each element is a whole metadata
+/// value (about 32 bytes) even when it is one byte on disk. 8 MiB of u8 elements would hold
+/// about 256 MiB, over the bound, and is refused before anything is allocated; 1 MiB is fine.
+#[test]
+fn arrays_are_bounded_by_their_size_in_memory() {
+    let n = 8u64 << 20;
+    let big = Gguf::header(0, 1).str("blob").u32(T_ARRAY).u32(T_U8).u64(n).zeros(n as usize);
+    let start = Instant::now();
+    let msg = expect_err(&big, &["absurd", "metadata size in memory", "'blob'"]);
+    assert!(msg.contains(&helpline::model::gguf::MAX_METADATA_MEMORY.to_string()), "{msg}");
+    assert!(start.elapsed() < Duration::from_secs(2), "refused before reading: {:?}", start.elapsed());
+
+    let n = 1u64 << 20;
+    let ok = Gguf::header(0, 1).str("blob").u32(T_ARRAY).u32(T_U8).u64(n).zeros(n as usize);
+    let f = open(&ok).expect("a 1 MiB u8 array is within the bound");
+    let _ = f;
+}

@@ -15,7 +15,8 @@ const NOT_APPROVED: &[&str] =
     &["refund-policy-2024", "uptime-sla-draft-100", "api-rate-limits-v1", "support-fee-waivers-draft", "cancellation-data-deletion-2023", "sso-all-plans-draft"];
 
 fn config() -> ServeConfig {
-    ServeConfig { default_max_tokens: 96, ..Default::default() }
+    // Customers may choose the answer mode here (the tests compare the modes).
+    ServeConfig { default_max_tokens: 96, access: helpline::config::AccessConfig { customer_answer_mode: true, ..Default::default() }, ..Default::default() }
 }
 
 fn ask(question: &str, extra: Value) -> Value {
@@ -157,7 +158,7 @@ async fn an_uncovered_question_is_refused_without_calling_the_model() {
     }
     let after = (stats.completed_total.load(Ordering::SeqCst), stats.prompt_tokens_total.load(Ordering::SeqCst));
     assert_eq!(before, after, "the engine ran nothing");
-    let metrics = server.get("/metrics").await.text();
+    let metrics = server.admin_get("/metrics").await.text();
     assert!(metrics.contains("helpline_chat_answers_total{grounding=\"no_relevant_docs\"} 2"), "{metrics}");
 }
 
@@ -198,7 +199,7 @@ async fn a_follow_up_retrieves_the_topic_of_earlier_turns() {
 #[tokio::test]
 async fn grounding_can_be_turned_off_per_request_and_by_the_operator() {
     let server = start_grounded_server(config()).await;
-    let resp = server.post_json("/v1/chat/completions", &ask("Hi!", json!({"max_tokens": 16, "helpline": {"grounding": false}}))).await;
+    let resp = server.agent_post_json("/v1/chat/completions", &ask("Hi!", json!({"max_tokens": 16, "helpline": {"grounding": false}}))).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     let b = resp.json();
     assert_eq!(b["helpline"]["grounding"]["status"], "off");
@@ -258,10 +259,10 @@ async fn grounded_requests_are_validated_at_the_boundary() {
         (json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]}), "messages"),
     ];
     for (body, param) in cases {
-        let resp = server.post_json("/v1/chat/completions", &body).await;
+        let resp = server.agent_post_json("/v1/chat/completions", &body).await;
         error_of(&resp, 422, Some(param));
     }
-    let resp = server.post_json("/v1/completions", &json!({"prompt": "Refunds", "helpline": {"grounding": true}})).await;
+    let resp = server.admin_post_json("/v1/completions", &json!({"prompt": "Refunds", "helpline": {"grounding": true}})).await;
     error_of(&resp, 422, Some("helpline.grounding"));
     // Filters narrow retrieval: billing only.
     let resp = server
@@ -323,7 +324,7 @@ async fn without_an_index_grounded_chat_fails_closed() {
     assert_eq!(server.get("/ready").await.status, 503);
     assert_eq!(server.post_json("/v1/retrieve", &json!({"query": "refund"})).await.status, 503);
     // Ungrounded chat still works.
-    let resp = server.post_json("/v1/chat/completions", &ask("Hi!", json!({"max_tokens": 4, "helpline": {"grounding": false}}))).await;
+    let resp = server.agent_post_json("/v1/chat/completions", &ask("Hi!", json!({"max_tokens": 4, "helpline": {"grounding": false}}))).await;
     assert_eq!(resp.status, 200);
 }
 
@@ -357,7 +358,7 @@ async fn reload_reindexes_a_running_server_without_a_restart() {
     server.state.set_loaded(crate::server_support::default_model(&server.state.config));
 
     // First reload builds the index from nothing and opens it.
-    let resp = server.post_json("/v1/index/reload", &json!({})).await;
+    let resp = server.admin_post_json("/v1/index/reload", &json!({})).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     let first = resp.json();
     assert_eq!(first["changed"], true);
@@ -375,7 +376,7 @@ async fn reload_reindexes_a_running_server_without_a_restart() {
     )
     .unwrap();
     std::fs::write(docs.join("plans/broken.md"), "---\nid: broken\ntitle: Broken\n").unwrap();
-    let resp = server.post_json("/v1/index/reload", &json!({})).await;
+    let resp = server.admin_post_json("/v1/index/reload", &json!({})).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     let second = resp.json();
     assert_eq!(second["changed"], true);
@@ -391,12 +392,12 @@ async fn reload_reindexes_a_running_server_without_a_restart() {
     assert_eq!(found["data"][0]["doc_id"], "zorblax-gadget");
 
     // Nothing changed: same version.
-    let third = server.post_json("/v1/index/reload", &json!({})).await.json();
+    let third = server.admin_post_json("/v1/index/reload", &json!({})).await.json();
     assert_eq!(third["changed"], false);
     assert_eq!(third["index"]["index_version"], second["index"]["index_version"]);
-    let metrics = server.get("/metrics").await.text();
+    let metrics = server.admin_get("/metrics").await.text();
     assert!(metrics.contains("helpline_index_reloads_total{outcome=\"ok\"} 3"), "{metrics}");
-    let status = server.get("/v1/index").await.json();
+    let status = server.admin_get("/v1/index").await.json();
     assert_eq!(status["index_version"], second["index"]["index_version"]);
 }
 

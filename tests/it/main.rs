@@ -26,3 +26,5 @@ mod conversations;
 mod assist;
 mod agent_console;
 mod answers;
+mod access;
+mod properties;

@@ -59,7 +59,7 @@ async fn no_red_team_attack_gets_a_forbidden_commitment_out() {
     let attacks: Vec<Attack> = text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(attacks.len() >= 80, "{}", attacks.len());
     let matcher = matcher();
-    let server = start_grounded_server(ServeConfig { max_concurrent: 4, ..ServeConfig::default() }).await;
+    let server = start_grounded_server(ServeConfig { max_concurrent: 4, access: helpline::config::AccessConfig { customer_answer_mode: true, ..Default::default() }, ..ServeConfig::default() }).await;
     // The default assembled answers, and the generative mode, where the model words the answer
     // and the sentence check must stop what the grammar's phrase list does not name.
     for mode in ["assembled", "generative"] {

@@ -230,7 +230,7 @@ async fn same_seed_gives_the_same_answer_over_http() {
 async fn completions_from_text_and_from_token_ids_agree() {
     let server = start_server(config()).await;
     let prompt = "The capital of France is";
-    let resp = server.post_json("/v1/completions", &json!({"prompt": prompt, "temperature": 0, "max_tokens": 6})).await;
+    let resp = server.admin_post_json("/v1/completions", &json!({"prompt": prompt, "temperature": 0, "max_tokens": 6})).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     let body = resp.json();
     assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
@@ -247,12 +247,12 @@ async fn completions_from_text_and_from_token_ids_agree() {
     // The same prompt as ids (BOS as `text_prompt` adds it) gives the same continuation.
     let ids = support::smollm2_bundle().text_prompt(prompt).unwrap();
     assert_eq!(body["usage"]["prompt_tokens"], ids.len());
-    let resp = server.post_json("/v1/completions", &json!({"prompt": ids, "temperature": 0, "max_tokens": 6})).await;
+    let resp = server.admin_post_json("/v1/completions", &json!({"prompt": ids, "temperature": 0, "max_tokens": 6})).await;
     assert_eq!(resp.json()["choices"][0]["text"], text.as_str());
 
     // Streamed: text_completion chunks that add up to the same text, then [DONE].
     let stream = server
-        .stream(
+        .admin_stream(
             "/v1/completions",
             &json!({"prompt": prompt, "temperature": 0, "max_tokens": 6, "stream": true, "stream_options": {"include_usage": true}}),
         )
@@ -293,7 +293,7 @@ async fn models_are_listed_and_found_by_id_or_file_name() {
     let resp = server.post_json("/v1/chat/completions", &chat("Hi!", json!({"model": "gpt-4o", "max_tokens": 1}))).await;
     let body = assert_error(&resp, 404, "model_not_found", Some("model"));
     assert!(message(&body).contains("gpt-4o") && message(&body).contains("smollm2-135m-instruct"), "{body}");
-    let resp = server.post_json("/v1/completions", &json!({"model": "gpt-4o", "prompt": "x"})).await;
+    let resp = server.admin_post_json("/v1/completions", &json!({"model": "gpt-4o", "prompt": "x"})).await;
     assert_error(&resp, 404, "model_not_found", Some("model"));
 }
 
@@ -304,32 +304,32 @@ async fn tokenize_and_detokenize_round_trip() {
     let content = "Hello <|im_start|> world";
     let special = tok.token_id("<|im_start|>").unwrap();
 
-    let plain = server.post_json("/tokenize", &json!({"content": content})).await.json()["tokens"].clone();
+    let plain = server.admin_post_json("/tokenize", &json!({"content": content})).await.json()["tokens"].clone();
     let plain: Vec<u32> = serde_json::from_value(plain).unwrap();
     assert_eq!(plain, tok.encode(content, false).unwrap());
     assert!(!plain.contains(&special), "special text is plain text by default");
 
-    let parsed = server.post_json("/tokenize", &json!({"content": content, "parse_special": true})).await.json()["tokens"].clone();
+    let parsed = server.admin_post_json("/tokenize", &json!({"content": content, "parse_special": true})).await.json()["tokens"].clone();
     let parsed: Vec<u32> = serde_json::from_value(parsed).unwrap();
     assert!(parsed.contains(&special));
     assert!(parsed.len() < plain.len());
 
     // SmolLM2 does not ask for BOS, so add_special changes nothing here.
     assert!(!tok.add_bos());
-    let with_special = server.post_json("/tokenize", &json!({"content": content, "add_special": true})).await.json()["tokens"].clone();
+    let with_special = server.admin_post_json("/tokenize", &json!({"content": content, "add_special": true})).await.json()["tokens"].clone();
     assert_eq!(serde_json::from_value::<Vec<u32>>(with_special).unwrap(), plain);
 
     for ids in [&plain, &parsed] {
-        let resp = server.post_json("/detokenize", &json!({"tokens": ids})).await;
+        let resp = server.admin_post_json("/detokenize", &json!({"tokens": ids})).await;
         assert_eq!(resp.json(), json!({"content": content}));
     }
 
     let vocab = tok.vocab_size();
-    let body = assert_error(&server.post_json("/detokenize", &json!({"tokens": [1, vocab]})).await, 422, "invalid_value", Some("tokens"));
+    let body = assert_error(&server.admin_post_json("/detokenize", &json!({"tokens": [1, vocab]})).await, 422, "invalid_value", Some("tokens"));
     assert!(message(&body).contains(&format!("got {vocab} at index 1")), "{body}");
-    assert_error(&server.post_json("/detokenize", &json!({"tokens": [-1]})).await, 422, "invalid_value", Some("tokens"));
-    assert_error(&server.post_json("/detokenize", &json!({})).await, 422, "invalid_value", Some("tokens"));
-    assert_error(&server.post_json("/tokenize", &json!({"text": "x"})).await, 422, "invalid_value", Some("content"));
+    assert_error(&server.admin_post_json("/detokenize", &json!({"tokens": [-1]})).await, 422, "invalid_value", Some("tokens"));
+    assert_error(&server.admin_post_json("/detokenize", &json!({})).await, 422, "invalid_value", Some("tokens"));
+    assert_error(&server.admin_post_json("/tokenize", &json!({"text": "x"})).await, 422, "invalid_value", Some("content"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,11 +393,11 @@ async fn invalid_requests_get_the_error_table() {
 
     // Text completions.
     let c = "/v1/completions";
-    assert_error(&server.post_json(c, &json!({"prompt": "x", "echo": true})).await, 422, "invalid_value", Some("echo"));
-    assert_error(&server.post_json(c, &json!({"prompt": [1, 99999999]})).await, 422, "invalid_value", Some("prompt"));
-    assert_error(&server.post_json(c, &json!({"prompt": []})).await, 422, "invalid_value", Some("prompt"));
-    assert_error(&server.post_json(c, &json!({"prompt": "x", "top_p": 2})).await, 422, "invalid_value", Some("top_p"));
-    assert_error(&server.post_json(c, &json!({})).await, 422, "invalid_value", Some("prompt"));
+    assert_error(&server.admin_post_json(c, &json!({"prompt": "x", "echo": true})).await, 422, "invalid_value", Some("echo"));
+    assert_error(&server.admin_post_json(c, &json!({"prompt": [1, 99999999]})).await, 422, "invalid_value", Some("prompt"));
+    assert_error(&server.admin_post_json(c, &json!({"prompt": []})).await, 422, "invalid_value", Some("prompt"));
+    assert_error(&server.admin_post_json(c, &json!({"prompt": "x", "top_p": 2})).await, 422, "invalid_value", Some("top_p"));
+    assert_error(&server.admin_post_json(c, &json!({})).await, 422, "invalid_value", Some("prompt"));
 
     // Unknown fields are ignored; `user` and `n: 1` are accepted.
     let resp =
@@ -407,7 +407,8 @@ async fn invalid_requests_get_the_error_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompts_over_the_context_are_refused_with_both_counts() {
-    let server = start_server(config()).await;
+    // A message longer than the context (the per-message bound raised past it).
+    let server = start_server(ServeConfig { max_message_chars: 100_000, ..config() }).await;
     let long = "hello ".repeat(9000);
     let tokens = support::smollm2_bundle().chat_prompt(&[ChatMessage::new("user", long.clone())]).unwrap().len();
     let fit = server.engine().max_positions() - 1;
@@ -420,7 +421,7 @@ async fn prompts_over_the_context_are_refused_with_both_counts() {
 
     // The server's own prompt limit.
     let small = start_server(ServeConfig { max_prompt_tokens: 20, ..config() }).await;
-    let resp = small.post_json("/v1/completions", &json!({"prompt": "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty twenty-one"})).await;
+    let resp = small.admin_post_json("/v1/completions", &json!({"prompt": "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty twenty-one"})).await;
     let body = assert_error(&resp, 400, "context_length_exceeded", None);
     assert!(message(&body).contains("at most 20 prompt tokens"), "{body}");
 
@@ -436,11 +437,11 @@ async fn every_api_route_is_503_until_the_model_is_loaded() {
     let server = start_unloaded_server(config()).await;
     let checks = [
         server.post_json("/v1/chat/completions", &chat("Hi!", json!({}))).await,
-        server.post_json("/v1/completions", &json!({"prompt": "x"})).await,
+        server.admin_post_json("/v1/completions", &json!({"prompt": "x"})).await,
         server.get("/v1/models").await,
         server.get("/v1/models/smollm2-135m-instruct").await,
-        server.post_json("/tokenize", &json!({"content": "x"})).await,
-        server.post_json("/detokenize", &json!({"tokens": [1]})).await,
+        server.admin_post_json("/tokenize", &json!({"content": "x"})).await,
+        server.admin_post_json("/detokenize", &json!({"tokens": [1]})).await,
     ];
     for resp in &checks {
         assert_error(resp, 503, "not_ready", None);
@@ -502,7 +503,7 @@ async fn dropping_the_stream_cancels_the_generation() {
     let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let body = body.to_string();
     let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     tokio::io::AsyncWriteExt::write_all(&mut conn, req.as_bytes()).await.unwrap();

@@ -31,6 +31,9 @@ struct TestServer {
 
 impl TestServer {
     fn start(mut cfg: ServeConfig) -> TestServer {
+        if cfg.access.admin_key_hashes.is_empty() {
+            cfg.access.admin_key_hashes.push(helpline::server::auth::digest(crate::server_support::ADMIN_KEY));
+        }
         cfg.shutdown_grace = cfg.shutdown_grace.min(Duration::from_secs(2));
         let state = AppState::new(cfg.clone());
         state.set_policy(crate::support::policy());
@@ -137,6 +140,11 @@ fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bo
     parse_response(&raw)
 }
 
+/// `/metrics` with the admin key.
+fn metrics(addr: SocketAddr) -> Resp {
+    get(addr, "/metrics", &[("Authorization", &bearer(crate::server_support::ADMIN_KEY))])
+}
+
 fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp {
     http(addr, "GET", path, headers, None)
 }
@@ -181,7 +189,6 @@ fn chat_body(content: &str, max_tokens: usize, stream: bool) -> String {
         "temperature": 0,
         "max_tokens": max_tokens,
         "stream": stream,
-        "helpline": {"grounding": false},
     })
     .to_string()
 }
@@ -351,7 +358,10 @@ fn auth_guards_everything_but_health_and_cors_follows_the_allow_list() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), serde_json::json!({"status": "ok"}));
 
-    for path in ["/v1/models", "/metrics", "/ready", "/no-such-route"] {
+    // So is the readiness probe (it says nothing private).
+    assert_eq!(get(a, "/ready", &[]).status, 200);
+
+    for path in ["/v1/models", "/metrics", "/no-such-route"] {
         let r = get(a, path, &[]);
         r.assert_error(401, "invalid_api_key");
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));
@@ -366,7 +376,9 @@ fn auth_guards_everything_but_health_and_cors_follows_the_allow_list() {
         let r = get(a, "/v1/models", &[("Authorization", &auth_header)]);
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.json()["data"][0]["id"], "smollm2-135m-instruct");
-        let r = get(a, "/metrics", &[("Authorization", &auth_header)]);
+        // A customer key is not an admin key.
+        get(a, "/metrics", &[("Authorization", &auth_header)]).assert_error(401, "invalid_api_key");
+        let r = metrics(a);
         assert_eq!(r.status, 200);
         assert!(r.body.contains("helpline_requests_total{route=\"/v1/models\",status=\"401\"}"), "{}", r.body);
     }
@@ -422,7 +434,8 @@ fn defaults_no_cors_json_404_405_413_and_request_ids() {
     assert!(r.headers.iter().all(|(k, _)| !k.starts_with("access-control-")), "{r:?}");
 
     get(a, "/v2/nothing", &[]).assert_error(404, "route_not_found");
-    http(a, "DELETE", "/health", &[], None).assert_error(405, "method_not_allowed");
+    // (With a JSON content type: a bare state-changing request is refused by the CSRF check first.)
+    http(a, "DELETE", "/health", &[("Content-Type", "application/json")], None).assert_error(405, "method_not_allowed");
     get(a, "/v1/chat/completions", &[]).assert_error(405, "method_not_allowed");
 
     // Over the body limit: by Content-Length, and streamed (chunked) with no length.
@@ -433,7 +446,7 @@ fn defaults_no_cors_json_404_405_413_and_request_ids() {
     let mut s = TcpStream::connect(a).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut req = String::from(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
     );
     for part in big.as_bytes().chunks(500) {
         req.push_str(&format!("{:x}\r\n{}\r\n", part.len(), std::str::from_utf8(part).unwrap()));
@@ -455,7 +468,7 @@ fn defaults_no_cors_json_404_405_413_and_request_ids() {
     assert!(other.header("x-request-id").is_some());
 
     // Metrics label unknown routes by a fixed name, never the raw path.
-    let m = get(a, "/metrics", &[]).body;
+    let m = metrics(a).body;
     assert!(m.contains("helpline_requests_total{route=\"unmatched\",status=\"404\"} 2"), "{m}");
     assert!(m.contains("helpline_requests_total{route=\"/health\",status=\"405\"} 1"), "{m}");
     assert!(m.contains("helpline_requests_total{route=\"/v1/chat/completions\",status=\"413\"} 2"), "{m}");
@@ -472,7 +485,7 @@ fn ready_turns_200_after_load_and_metrics_count_a_chat() {
     let r = get(a, "/ready", &[]);
     r.assert_error(503, "not_ready");
     assert_eq!(r.header("retry-after"), Some("1"));
-    let m = get(a, "/metrics", &[]);
+    let m = metrics(a);
     assert_eq!(m.status, 200);
     assert_eq!(m.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
     assert!(m.body.contains("helpline_ready 0\n") && m.body.contains("helpline_up 1\n"), "{}", m.body);
@@ -497,7 +510,7 @@ fn ready_turns_200_after_load_and_metrics_count_a_chat() {
     while stats.active.load(std::sync::atomic::Ordering::SeqCst) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let m = get(a, "/metrics", &[]).body;
+    let m = metrics(a).body;
     let value = |name: &str| -> f64 {
         m.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -566,7 +579,7 @@ fn oversize_header_block_is_rejected() {
     assert_eq!(r.status, 200);
     let mut s = TcpStream::connect(srv.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Fill: {}\r\n\r\n", "a".repeat(6000));
+    let req = format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Fill: {}\r\n\r\n", "a".repeat(6000));
     s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
@@ -734,7 +747,7 @@ fn binary_drains_in_flight_stream_on_sigterm() {
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let body = chat_body("Write a long essay about the history of the Roman Empire.", 24, true);
     let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).unwrap();
@@ -845,7 +858,8 @@ fn acknowledged_turns_survive_sigkill_mid_stream() {
     let data_dir = data.path().to_str().unwrap().to_string();
     let key = "agent-key-crash-test-0123456789";
     let args = ["--data-dir", data_dir.as_str(), "--agent-api-key", key];
-    let bin = Bin::spawn(&args, &[]);
+    // Plain answers (long ones are needed in flight); the server's setting, not a request field.
+    let bin = Bin::spawn(&args, &[("HELPLINE_GROUNDING", "false")]);
     bin.wait_ready(&[]);
     let auth = format!("Bearer {key}");
     let agent = [("authorization", auth.as_str())];
@@ -853,7 +867,7 @@ fn acknowledged_turns_survive_sigkill_mid_stream() {
         serde_json::json!({
             "messages": [{"role": "user", "content": question}],
             "temperature": 0, "max_tokens": max_tokens, "stream": stream,
-            "helpline": {"conversation_id": conv, "grounding": false, "customer": {"id": "crash-customer"}},
+            "helpline": {"conversation_id": conv, "customer": {"id": "crash-customer"}},
         })
     };
     // One answer the client received whole.

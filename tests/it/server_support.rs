@@ -17,10 +17,14 @@ use tokio::task::JoinHandle;
 use crate::support;
 
 /// Longest a test waits for any one HTTP exchange before failing (instead of hanging).
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The agent key every test server accepts (unless its config names its own).
 pub const AGENT_KEY: &str = "agent-key-for-tests-0123456789";
+
+/// The admin key every test server accepts (index and policy reload, metrics, raw completions,
+/// tokenize).
+pub const ADMIN_KEY: &str = "admin-key-for-tests-9876543210";
 
 /// A server on `127.0.0.1:<free port>`, running in a task of the test's runtime. Dropping it stops
 /// accepting connections (the task is aborted); [`TestServer::shutdown`] stops it gracefully.
@@ -67,6 +71,9 @@ pub async fn start_server_without_agents(cfg: ServeConfig) -> TestServer {
 fn grounded_config(mut cfg: ServeConfig) -> ServeConfig {
     if cfg.conversations.agent_key_hashes.is_empty() {
         cfg.conversations.agent_key_hashes.push(helpline::server::auth::digest(AGENT_KEY));
+    }
+    if cfg.access.admin_key_hashes.is_empty() {
+        cfg.access.admin_key_hashes.push(helpline::server::auth::digest(ADMIN_KEY));
     }
     let defaults = helpline::config::GroundingConfig::default();
     if cfg.grounding.index_dir == defaults.index_dir {
@@ -189,12 +196,41 @@ impl TestServer {
         self.request("DELETE", path, &[("authorization", &auth)], b"").await
     }
 
+    /// GET with the admin key.
+    pub async fn admin_get(&self, path: &str) -> HttpResponse {
+        let auth = format!("Bearer {ADMIN_KEY}");
+        self.request("GET", path, &[("authorization", &auth)], b"").await
+    }
+
+    /// POST JSON with the admin key.
+    pub async fn admin_post_json(&self, path: &str, body: &serde_json::Value) -> HttpResponse {
+        let auth = format!("Bearer {ADMIN_KEY}");
+        self.request("POST", path, &[("content-type", "application/json"), ("authorization", &auth)], body.to_string().as_bytes()).await
+    }
+
+    /// Opens a streaming request with the agent key (the fields customers may not use).
+    pub async fn agent_stream(&self, path: &str, body: &serde_json::Value) -> SseStream {
+        let auth = format!("Bearer {AGENT_KEY}");
+        self.stream_with(path, body, &[("authorization", &auth)]).await
+    }
+
+    /// Opens a streaming request with the admin key.
+    pub async fn admin_stream(&self, path: &str, body: &serde_json::Value) -> SseStream {
+        let auth = format!("Bearer {ADMIN_KEY}");
+        self.stream_with(path, body, &[("authorization", &auth)]).await
+    }
+
     /// Opens a streaming request and returns once the response head has arrived.
     pub async fn stream(&self, path: &str, body: &serde_json::Value) -> SseStream {
+        self.stream_with(path, body, &[]).await
+    }
+
+    /// Opens a streaming request with extra headers.
+    pub async fn stream_with(&self, path: &str, body: &serde_json::Value, extra: &[(&str, &str)]) -> SseStream {
         let fut = async {
-            let mut conn = self
-                .send("POST", path, &[("content-type", "application/json"), ("accept", "text/event-stream")], body.to_string().as_bytes())
-                .await;
+            let mut headers = vec![("content-type", "application/json"), ("accept", "text/event-stream")];
+            headers.extend_from_slice(extra);
+            let mut conn = self.send("POST", path, &headers, body.to_string().as_bytes()).await;
             let head = conn.read_head().await;
             SseStream { status: head.status, headers: head.headers, conn, text: String::new() }
         };

@@ -66,7 +66,7 @@ fn json_schema(schema: Value) -> Value {
 async fn content_of_stream(server: &TestServer, body: &Value) -> (String, Value) {
     let mut body = body.clone();
     body["stream"] = json!(true);
-    let data = server.stream("/v1/chat/completions", &body).await.collect_data().await;
+    let data = server.agent_stream("/v1/chat/completions", &body).await.collect_data().await;
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     let mut text = String::new();
     let mut last = Value::Null;
@@ -86,7 +86,7 @@ async fn content_of_stream(server: &TestServer, body: &Value) -> (String, Value)
 async fn json_schema_answers_validate_streamed_or_not_and_the_pack_still_applies() {
     let server = start_server(config(false)).await;
     let body = chat("Classify this ticket: I was charged twice for my invoice this month.", json_schema(ticket_schema()));
-    let resp = ok(&server.post_json("/v1/chat/completions", &body).await);
+    let resp = ok(&server.agent_post_json("/v1/chat/completions", &body).await);
     let choice = &resp["choices"][0];
     assert_eq!(choice["finish_reason"], "stop", "{resp}");
     let content = choice["message"]["content"].as_str().unwrap();
@@ -106,7 +106,7 @@ async fn json_schema_answers_validate_streamed_or_not_and_the_pack_still_applies
 
     // Any JSON object.
     let body = chat("Reply with a JSON object that has a key \"greeting\".", json!({"response_format": {"type": "json_object"}}));
-    let resp = ok(&server.post_json("/v1/chat/completions", &body).await);
+    let resp = ok(&server.agent_post_json("/v1/chat/completions", &body).await);
     let content = resp["choices"][0]["message"]["content"].as_str().unwrap();
     if resp["choices"][0]["finish_reason"] == "stop" {
         let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
@@ -122,7 +122,7 @@ async fn json_schema_answers_validate_streamed_or_not_and_the_pack_still_applies
     let forced = json!({"type": "object", "properties": {"reply": {"type": "string", "enum": ["Good news: I will refund you today."]}},
                         "required": ["reply"], "additionalProperties": false});
     let body = chat("Write the reply to the customer.", json_schema(forced));
-    let resp = ok(&server.post_json("/v1/chat/completions", &body).await);
+    let resp = ok(&server.agent_post_json("/v1/chat/completions", &body).await);
     let choice = &resp["choices"][0];
     assert_eq!(choice["finish_reason"], "content_filter", "{resp}");
     assert!(choice["message"]["content"].is_null(), "a broken JSON answer is never returned as content: {resp}");
@@ -139,7 +139,7 @@ async fn regex_and_lark_grammars_shape_chat_and_text_completions() {
     let server = start_server(config(false)).await;
     let rx = r"(Yes|No), because [a-z ,]{3,60}\.";
     let body = chat("Is the sky blue? Answer yes or no and say why.", json!({"helpline": {"grammar": {"regex": rx}}}));
-    let resp = ok(&server.post_json("/v1/chat/completions", &body).await);
+    let resp = ok(&server.agent_post_json("/v1/chat/completions", &body).await);
     let content = resp["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(resp["choices"][0]["finish_reason"], "stop", "{resp}");
     assert!(regex::Regex::new(&format!("^(?:{rx})$")).unwrap().is_match(content), "{content:?}");
@@ -147,18 +147,18 @@ async fn regex_and_lark_grammars_shape_chat_and_text_completions() {
 
     let lark = "start: \"Ticket \" NUM \" is \" STATUS \".\"\nNUM: /[0-9]{3}/\nSTATUS: \"open\" | \"closed\" | \"waiting\"\n";
     let body = chat("What is the status of ticket 123?", json!({"helpline": {"grammar": {"lark": lark}}}));
-    let resp = ok(&server.post_json("/v1/chat/completions", &body).await);
+    let resp = ok(&server.agent_post_json("/v1/chat/completions", &body).await);
     let content = resp["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(regex::Regex::new(r"^Ticket [0-9]{3} is (open|closed|waiting)\.$").unwrap().is_match(content), "{content:?}");
 
     // Text completions take both forms too (without the policy pack: they are developer tools).
     let resp = ok(&server
-        .post_json("/v1/completions", &json!({"prompt": "The order number is", "temperature": 0, "max_tokens": 12, "helpline": {"grammar": {"regex": " [0-9]{4,6}"}}}))
+        .admin_post_json("/v1/completions", &json!({"prompt": "The order number is", "temperature": 0, "max_tokens": 12, "helpline": {"grammar": {"regex": " [0-9]{4,6}"}}}))
         .await);
     let text = resp["choices"][0]["text"].as_str().unwrap();
     assert!(regex::Regex::new("^ [0-9]{4,6}$").unwrap().is_match(text), "{text:?}");
     let resp = ok(&server
-        .post_json(
+        .admin_post_json(
             "/v1/completions",
             &json!({"prompt": "Customer record as JSON:", "temperature": 0, "max_tokens": 60,
                     "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999}}, "required": ["id"], "additionalProperties": false}}}}),
@@ -177,7 +177,7 @@ async fn grounded_structured_answers_and_their_refusals_keep_content_parseable()
     let schema = json!({"type": "object", "properties": {"answer": {"type": "string", "maxLength": 200}}, "required": ["answer"], "additionalProperties": false});
 
     // Grounded: the passages are in the prompt; nothing is appended to the JSON (no " [1]").
-    let resp = ok(&server.post_json("/v1/chat/completions", &chat("How do I reset my password?", json_schema(schema.clone()))).await);
+    let resp = ok(&server.agent_post_json("/v1/chat/completions", &chat("How do I reset my password?", json_schema(schema.clone()))).await);
     let content = resp["choices"][0]["message"]["content"].as_str().unwrap();
     let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
     assert!(v["answer"].is_string(), "{v}");
@@ -187,7 +187,7 @@ async fn grounded_structured_answers_and_their_refusals_keep_content_parseable()
     }
 
     // Nothing relevant: the refusal goes in `refusal`; `content` is null (it could not parse).
-    let resp = ok(&server.post_json("/v1/chat/completions", &chat("What is the capital of Mongolia?", json_schema(schema.clone()))).await);
+    let resp = ok(&server.agent_post_json("/v1/chat/completions", &chat("What is the capital of Mongolia?", json_schema(schema.clone()))).await);
     let msg = &resp["choices"][0]["message"];
     assert!(msg["content"].is_null(), "{resp}");
     assert_eq!(msg["refusal"], ServeConfig::default().grounding.refusal_message.as_str());
@@ -195,7 +195,7 @@ async fn grounded_structured_answers_and_their_refusals_keep_content_parseable()
 
     // An escalation trigger: the handoff text, in `refusal`, with the handoff report.
     let resp = ok(&server
-        .post_json("/v1/chat/completions", &chat("I want to talk to a human right now.", json!({"response_format": {"type": "json_object"}})))
+        .agent_post_json("/v1/chat/completions", &chat("I want to talk to a human right now.", json!({"response_format": {"type": "json_object"}})))
         .await);
     let msg = &resp["choices"][0]["message"];
     assert!(msg["content"].is_null(), "{resp}");
@@ -205,7 +205,7 @@ async fn grounded_structured_answers_and_their_refusals_keep_content_parseable()
     // The same, streamed: a refusal delta and no content delta.
     let mut body = chat("What is the capital of Mongolia?", json!({"response_format": {"type": "json_object"}}));
     body["stream"] = json!(true);
-    let data = server.stream("/v1/chat/completions", &body).await.collect_data().await;
+    let data = server.agent_stream("/v1/chat/completions", &body).await.collect_data().await;
     let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
     assert!(chunks.iter().all(|c| c["choices"][0]["delta"]["content"].as_str().unwrap_or("").is_empty()), "{data:?}");
     assert!(chunks.iter().any(|c| c["choices"][0]["delta"]["refusal"].is_string()), "{data:?}");
@@ -219,7 +219,7 @@ async fn constraints_that_cannot_be_enforced_are_refused_before_generation() {
     let server = start_server(cfg).await;
     let post = |body: Value| {
         let server = &server;
-        async move { server.post_json("/v1/chat/completions", &body).await }
+        async move { server.agent_post_json("/v1/chat/completions", &body).await }
     };
 
     let m = error(&post(chat("x", json!({"helpline": {"grammar": {"regex": "(unclosed"}}}))).await, 400, "invalid_grammar", "helpline.grammar.regex");
@@ -263,7 +263,7 @@ async fn constraints_that_cannot_be_enforced_are_refused_before_generation() {
     let server = start_server(cfg).await;
     let words: Vec<String> = (0..3000).map(|i| format!("word{i}x")).collect();
     let rx = format!("(?:{})( (?:{}))*", words.join("|"), words.join("|"));
-    let resp = server.post_json("/v1/chat/completions", &chat("x", json!({"helpline": {"grammar": {"regex": rx}}}))).await;
+    let resp = server.agent_post_json("/v1/chat/completions", &chat("x", json!({"helpline": {"grammar": {"regex": rx}}}))).await;
     let m = error(&resp, 400, "grammar_too_slow", "helpline.grammar.regex");
     assert!(m.contains("1 ms") && m.contains("grammar_compile_ms"), "{m}");
     server.shutdown().await;
@@ -273,7 +273,7 @@ async fn constraints_that_cannot_be_enforced_are_refused_before_generation() {
 async fn quote_mode_and_structured_outputs_do_not_mix() {
     let server = start_server(config(true)).await;
     let resp = server
-        .post_json("/v1/chat/completions", &chat("How do I reset my password?", json!({"response_format": {"type": "json_object"}, "helpline": {"quote": true}})))
+        .agent_post_json("/v1/chat/completions", &chat("How do I reset my password?", json!({"response_format": {"type": "json_object"}, "helpline": {"quote": true}})))
         .await;
     assert_eq!(resp.status, 422, "{}", resp.text());
     assert_eq!(resp.json()["error"]["param"], "helpline.quote");

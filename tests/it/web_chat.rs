@@ -546,13 +546,25 @@ async fn a_customer_gets_a_cited_answer_and_a_way_to_a_human() {
         let refusal = a["refusal"].as_str().expect("a refusal note");
         assert!(refusal.contains(&handoff), "the refusal shows the handoff path: {refusal}");
 
-        // "Talk to a human" shows the configured handoff message and takes focus there.
+        // A second question stays in the same conversation on the server.
+        s.send_keys(&input, &format!("How do I reset my password?{ENTER}"));
+        let a = wait_settled(&s, 1, Duration::from_secs(90)).last;
+        assert_eq!(a["state"], "done", "{a}");
+
+        // "Talk to a human" shows the configured handoff message, takes focus there, and hands
+        // the conversation to a person through the handoff route.
         let panel = s.get("[data-testid=\"handoff-panel\"]");
         assert!(!s.displayed(&panel));
         s.click(&s.get("[data-testid=\"talk-to-human\"]"));
         assert!(s.displayed(&panel));
         assert!(s.text(&panel).contains(&handoff), "{}", s.text(&panel));
         assert_eq!(s.active_element(), panel);
+        s.wait_for(Duration::from_secs(30), "the handoff to be confirmed", |s| {
+            let st = s.execute("return document.querySelector('[data-testid=\"handoff-panel\"]').dataset.state || null;", json!([]));
+            st.as_str().map(str::to_string)
+        });
+        let state = s.execute("return document.querySelector('[data-testid=\"handoff-panel\"]').dataset.state;", json!([]));
+        assert_eq!(state, "handed_off", "{}", s.text(&panel));
 
         // The console is really read: a probe error shows up, and nothing else does.
         s.execute("console.error('console-probe')", json!([]));
@@ -562,4 +574,13 @@ async fn a_customer_gets_a_cited_answer_and_a_way_to_a_human() {
         assert!(errors.is_empty(), "console errors: {errors:#?}");
     })
     .await;
+
+    // The refused question and the follow-up are one conversation, now with a person; the
+    // handoff summary holds both of the customer's messages.
+    let list = server.agent_get("/v1/conversations?status=handed_off").await.json();
+    let handed: Vec<&Value> = list["data"].as_array().unwrap().iter().collect();
+    assert_eq!(handed.len(), 1, "{list}");
+    assert_eq!(handed[0]["turns"], 4, "two questions and two answers in one conversation: {list}");
+    assert_eq!(handed[0]["handoff"]["summary"]["customer_messages"], 2, "{list}");
+    assert_eq!(handed[0]["handoff"]["by"], "customer", "{list}");
 }

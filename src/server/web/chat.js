@@ -24,6 +24,20 @@
 
   /** Completed turns, all sent with every question: [{role, content}]. */
   let history = [];
+  /** The server's id of this chat's conversation (from the first answer): every turn and the
+   * handoff go to the same conversation, so an agent sees it whole and a takeover stops the bot. */
+  let conversationId = null;
+  /** The signed customer token the company's site put on the page, if any (verified customers). */
+  const customerToken = window.HELPLINE_CUSTOMER_TOKEN || document.documentElement.dataset.customerToken || '';
+
+  /** Headers every request of this page sends: the API key and the customer token, when set. */
+  function authHeaders(extra) {
+    const headers = { ...extra };
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    if (key) headers.Authorization = `Bearer ${key}`;
+    if (customerToken) headers['X-Helpline-Customer-Token'] = customerToken;
+    return headers;
+  }
   /** The turn being answered: {turn, controller}, or null. */
   let active = null;
   /** A turn refused for want of an API key; it is sent again once a key is entered. */
@@ -213,17 +227,18 @@
   async function attempt(turn, signal) {
     turn.partial = '';
     turn.connected = false;
-    const headers = { 'Content-Type': 'application/json', Accept: 'text/event-stream' };
-    const key = sessionStorage.getItem(KEY_STORAGE);
-    if (key) headers.Authorization = `Bearer ${key}`;
+    const headers = authHeaders({ 'Content-Type': 'application/json', Accept: 'text/event-stream' });
     const messages = [...history, { role: 'user', content: turn.text }];
     // Support answers should be reproducible and stay close to the passages: greedy decoding (the
     // API's default temperature of 1 lets small models wander off the documentation), with a
     // frequency penalty so greedy text does not loop on one line.
-    const body = JSON.stringify({ messages, stream: true, temperature: 0, frequency_penalty: 0.5 });
-    const resp = await fetch('/v1/chat/completions', { method: 'POST', headers, body, signal });
+    const request = { messages, stream: true, temperature: 0, frequency_penalty: 0.5 };
+    if (conversationId) request.helpline = { conversation_id: conversationId };
+    const resp = await fetch('/v1/chat/completions', { method: 'POST', headers, body: JSON.stringify(request), signal });
     turn.connected = true;
     if (!resp.ok) return httpFailure(turn, resp);
+    const started = resp.headers.get('X-Helpline-Conversation-Id');
+    if (started && !turn.discarded) conversationId = started;
 
     let finish = null;
     for await (const data of sseData(resp.body)) {
@@ -375,10 +390,44 @@
 
   // ---- handoff
 
-  function openHandoff() {
+  /** "Talk to a human": hands this conversation to a person (the handoff route), then shows what
+   * happens next. Before the first question there is no conversation to hand over yet. */
+  async function openHandoff() {
+    const status = byId('handoff-status');
+    status.textContent = '';
     handoffPanel.hidden = false;
     humanBtn.setAttribute('aria-expanded', 'true');
     handoffPanel.focus();
+    if (!conversationId) {
+      status.textContent = 'Ask your question first, and we will pass the whole conversation to a person.';
+      return;
+    }
+    humanBtn.disabled = true;
+    try {
+      const resp = await fetch(`/v1/conversations/${encodeURIComponent(conversationId)}/handoff`, {
+        method: 'POST',
+        headers: authHeaders({ 'Content-Type': 'application/json' }),
+        body: JSON.stringify({ reason: 'customer_request' }),
+      });
+      if (resp.ok) {
+        const out = await resp.json();
+        status.textContent = out.message || 'A member of our support team will take it from here.';
+        handoffPanel.dataset.state = 'handed_off';
+      } else {
+        let message = `The request failed (${resp.status}).`;
+        try {
+          const err = await resp.json();
+          if (err.error && err.error.message) message = err.error.message;
+        } catch {}
+        status.textContent = `Could not reach a person: ${message}`;
+        handoffPanel.dataset.state = 'error';
+      }
+    } catch {
+      status.textContent = 'Could not reach the support server. Check your connection and try again.';
+      handoffPanel.dataset.state = 'error';
+    } finally {
+      humanBtn.disabled = false;
+    }
   }
 
   function closeHandoff() {
@@ -427,6 +476,7 @@
       active.controller.abort();
     }
     history = [];
+    conversationId = null;
     awaitingKey = null;
     log.replaceChildren(greeting);
     input.focus();
