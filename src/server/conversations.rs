@@ -221,6 +221,10 @@ fn filter(q: &ListQuery) -> Result<ConversationFilter, ApiError> {
     if !(1..=500).contains(&limit) {
         return Err(ApiError::invalid_field("limit", format!("`limit` must be in [1, 500] (got {limit})")));
     }
+    // Checked here, before anything is read: an export's status is sent with its first line.
+    if let Some(cursor) = &q.cursor {
+        crate::store::check_cursor(cursor).map_err(ApiError::store)?;
+    }
     Ok(ConversationFilter {
         status,
         customer_id: q.customer_id.clone(),
@@ -322,9 +326,9 @@ pub async fn one(State(state): State<SharedState>, Path(id): Path<String>) -> Re
 /// Export conversations as JSON Lines.
 ///
 /// One `{conversation, turns}` object per line (`application/x-ndjson`), selected as the list
-/// selects them and streamed page by page (the whole store is never held in memory). A store
-/// failure part-way, or a `cursor` the store did not return, cuts the stream off (the status is
-/// already 200). Agent route: needs an agent key.
+/// selects them and streamed page by page (the whole store is never held in memory). A `cursor`
+/// the store did not return is refused before anything is sent; a store failure part-way cuts
+/// the stream off (the status is already 200). Agent route: needs an agent key.
 #[utoipa::path(
     get,
     path = "/v1/conversations/export",
@@ -342,6 +346,7 @@ pub async fn one(State(state): State<SharedState>, Path(id): Path<String>) -> Re
     responses(
         (status = 200, description = "JSON Lines: one `{conversation, turns}` object per line, the shape of `GET /v1/conversations/{id}`",
             body = String, content_type = "application/x-ndjson"),
+        (status = 400, description = "`cursor` is not one this store returned (`invalid_value`)", body = ErrorResponse),
         (status = 401, description = NO_AGENT_KEY, body = ErrorResponse),
         (status = 403, description = AGENT_ROUTES_OFF, body = ErrorResponse),
         (status = 422, description = "A query parameter is of the wrong type (`param` is `query`), or `status` or `limit` is out of range (`param` names it)", body = ErrorResponse),
@@ -460,7 +465,7 @@ pub struct DeliveriesQuery {
     operation_id = "listDeliveries",
     params(
         ("status" = Option<String>, Query, description = "Only deliveries in this status: `pending`, `delivered` or `dead`"),
-        ("limit" = Option<u32>, Query, description = "At most this many, clamped to 1 to 1000 (default 100)"),
+        ("limit" = Option<u32>, Query, description = "At most this many, 1 to 500 (default 100)"),
     ),
     security(("api_key" = [])),
     responses(
@@ -482,7 +487,10 @@ pub async fn deliveries(State(state): State<SharedState>, q: Result<Query<Delive
         Some("dead") => Some(store::DeliveryStatus::Dead),
         Some(other) => return Err(ApiError::invalid_field("status", format!("`status` must be `pending`, `delivered` or `dead` (got {other:?})"))),
     };
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid_field("limit", format!("`limit` must be in [1, 500] (got {limit})")));
+    }
     let rows = state.store()?.deliveries(status, limit).await.map_err(ApiError::store)?;
     Ok(Json(json!({"object": "list", "data": rows})))
 }

@@ -25,11 +25,15 @@ use super::SharedState;
 Errors are always `{\"error\": {\"message\", \"type\", \"code\", \"param\"}}`. Helpline's additions to OpenAI's \
 shapes live under a `helpline` key. Chat answers are grounded in the approved documentation by default: \
 `helpline.grounding` reports the passages given to the model and `helpline.citations` the ones the answer cites. \
-When the server has API keys configured, every route but `GET /health` and the customer chat page (`/`, \
-`/assets/*`, `/kb/*`) needs `Authorization: Bearer <key>`. Agent routes (conversations, customers' data, audit, \
-replay, agent assist and knowledge-base drafts) need an agent key (`--agent-api-key`, `agent_api_keys_file`), sent the \
-same way: a customer API key is refused there, and without a configured agent key they answer 403 \
-`agent_routes_disabled`. An agent key also works on every other route.",
+Routes are in four scopes, each with its own keys: public (`/health`, `/ready`, this document, the chat page \
+and `/kb/*`), customer (chat, models, retrieval, a customer's own handoff and feedback; a customer key \
+`--api-key` when one is configured), agent (conversations, customers' data, audit, replay, agent assist and \
+knowledge-base drafts; an agent key) and admin (index and policy, metrics, raw completions, tokenize; an admin \
+key). Keys are sent as `Authorization: Bearer <key>`; a route whose scope has no key configured answers 403 \
+`agent_routes_disabled` / `admin_routes_disabled`. Every route may answer 403 `host_not_allowed` (the `Host` \
+header is not an allowed name), 429 or 503 `too_many_connections` (with `Retry-After`); a route with a body may \
+answer 403 `csrf_check_failed` (no JSON content type, `Authorization` or `X-Helpline-Request` header), 408 \
+`request_timeout`, 413 and 415.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     paths(
@@ -75,7 +79,7 @@ same way: a customer API key is refused there, and without a configured agent ke
         dto::ErrorResponse,
         assist::CaseSummary,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonResponses),
     security((), ("api_key" = [])),
     tags(
         (name = "openai", description = "OpenAI-compatible API"),
@@ -103,6 +107,56 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Adds, to every operation, the answers that the layers in front of the handlers can give (see
+/// the document's description): the Host check and the connection caps everywhere, the key
+/// checks on keyed routes, and the CSRF check, body timeout and size and content type on routes
+/// that change state. A status an operation already declares keeps its own description.
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        const PUBLIC: [&str; 3] = ["/health", "/ready", "/openapi.json"];
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorResponse"))).build())
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let keyed = !PUBLIC.contains(&path.as_str());
+            let ops = [
+                (&mut item.get, false),
+                (&mut item.head, false),
+                (&mut item.post, true),
+                (&mut item.put, true),
+                (&mut item.patch, true),
+                (&mut item.delete, true),
+            ];
+            for (op, changes_state) in ops {
+                let Some(op) = op.as_mut() else { continue };
+                let mut add = |status: &str, description: &str| {
+                    op.responses.responses.entry(status.to_string()).or_insert_with(|| error(description).into());
+                };
+                if changes_state {
+                    add("403", "The `Host` header is not an allowed name (`host_not_allowed`), or the request has no JSON content type, `Authorization` or `X-Helpline-Request` header (`csrf_check_failed`)");
+                }
+                add("403", "The `Host` header is not an allowed name (`host_not_allowed`)");
+                add("429", "Too many connections from this address (`too_many_connections`, with `Retry-After`)");
+                add("503", "The server has its limit of open connections (`too_many_connections`, with `Retry-After`)");
+                if keyed {
+                    add("401", "A key of this route's scope is required (`invalid_api_key`)");
+                }
+                if changes_state {
+                    add("408", "The request body did not arrive in time (`request_timeout`)");
+                    add("413", "The request body is over `max_body_bytes` (`payload_too_large`)");
+                    add("415", "The body is not `application/json`");
+                }
+            }
+        }
     }
 }
 

@@ -86,7 +86,9 @@ fn classify_database_error(db: &dyn sqlx::error::DatabaseError) -> StoreError {
     let message = db.message().to_owned();
     // SQLite reports numeric (extended) result codes; the low byte is the
     // primary code. PostgreSQL reports five-character SQLSTATEs.
-    if let Ok(n) = code.parse::<i32>() {
+    // PostgreSQL's SQLSTATEs are often all digits too (23505, 55000), so the driver decides.
+    let postgres = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some();
+    if let (false, Ok(n)) = (postgres, code.parse::<i32>()) {
         return match n & 0xff {
             5 | 6 => StoreError::Unavailable(format!(
                 "the SQLite database is locked by another writer ({message}); retry, or raise \
@@ -97,6 +99,12 @@ fn classify_database_error(db: &dyn sqlx::error::DatabaseError) -> StoreError {
             19 => StoreError::Conflict(message),
             _ => StoreError::Backend(format!("SQLite error {n}: {message}")),
         };
+    }
+    // 55000 with a new connection: the database is not accepting connections (`ALLOW_CONNECTIONS
+    // false`, a maintenance window); 3D000: it is not there; class 28: the login is refused. All
+    // are the store being unreachable, not the request being wrong.
+    if matches!(code.as_str(), "55000" | "3D000") || code.starts_with("28") {
+        return StoreError::Unavailable(format!("PostgreSQL cannot be reached ({code}: {message}); retry"));
     }
     match code.get(..2) {
         Some("08") | Some("53") | Some("57") | Some("40") => {

@@ -435,6 +435,11 @@ fn encode_cursor(updated_ms: i64, id: &str) -> String {
         .collect()
 }
 
+/// Checks that `cursor` is one this store hands out (`next_cursor`), without reading anything.
+pub fn check_cursor(cursor: &str) -> Result<(), StoreError> {
+    decode_cursor(cursor).map(|_| ())
+}
+
 fn decode_cursor(cursor: &str) -> Result<(i64, String), StoreError> {
     let bad = || {
         StoreError::invalid(

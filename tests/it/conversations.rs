@@ -567,6 +567,94 @@ async fn purge_and_fields(cfg: ServeConfig) {
     ok(&server.post_json("/v1/chat/completions", &body).await);
     body["helpline"]["customer"]["id"] = json!("someone-else");
     assert_eq!(server.post_json("/v1/chat/completions", &body).await.status, 404);
+    // Query bounds are refused before anything is read or sent, naming the parameter (found by
+    // schemathesis: an export with a bad cursor used to be cut off after its 200).
+    for path in ["/v1/conversations?cursor=zz", "/v1/conversations/export?cursor=", "/v1/conversations/export?cursor=00"] {
+        let bad = server.agent_get(path).await;
+        assert_eq!((bad.status, bad.json()["error"]["param"].as_str()), (400, Some("cursor")), "{path}: {}", bad.text());
+    }
+    let bad = server.agent_get("/v1/deliveries?limit=1000").await;
+    assert_eq!((bad.status, bad.json()["error"]["param"].as_str()), (422, Some("limit")), "{}", bad.text());
+    assert_eq!(server.agent_get("/v1/deliveries?limit=2147483648").await.status, 422);
+    assert_eq!(server.agent_get("/v1/deliveries?limit=500").await.status, 200);
     let _ = AGENT_KEY;
+    server.shutdown().await;
+}
+
+/// A database of its own in the test PostgreSQL, for a test that takes it away: its URL and the
+/// base URL (to run the admin statements from).
+async fn postgres_database(test: &str) -> Option<(String, String)> {
+    use sqlx::Connection;
+    let Ok(base) = std::env::var("HELPLINE_TEST_POSTGRES_URL") else {
+        assert!(std::env::var_os("CI").is_none(), "HELPLINE_TEST_POSTGRES_URL is not set");
+        eprintln!("skipped: set HELPLINE_TEST_POSTGRES_URL to run {test} on PostgreSQL");
+        return None;
+    };
+    let name = format!("it_{test}_{}", rand::random::<u32>());
+    let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to the test PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    let (head, query) = base.split_once('?').map_or((base.as_str(), None), |(h, q)| (h, Some(q)));
+    let root = &head[..head.rfind('/').expect("a database URL with a path")];
+    let url = match query {
+        Some(q) => format!("{root}/{name}?{q}"),
+        None => format!("{root}/{name}"),
+    };
+    Some((url, base))
+}
+
+/// The store goes away mid-stream (its database stops taking connections and every session of it
+/// is ended): the stream ends with an error event, never `[DONE]`, and what was acknowledged
+/// before (an earlier answered turn, and the question of this one) is still there once the
+/// database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_fails_mid_stream_ends_it_with_an_error_and_keeps_what_was_acknowledged() {
+    use sqlx::Connection;
+    let Some((url, base)) = postgres_database("gone").await else { return };
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let mut cfg = config();
+    cfg.conversations.database_url = Some(url);
+    let server = start_server(cfg).await;
+    let id = "conv-store-gone";
+    let first = server.agent_post_json("/v1/chat/completions", &turn("How do I reset my password?", id, json!({}))).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+
+    // A forced long answer (the grammar needs 120 repetitions), so that the store can go away
+    // while it streams.
+    let mut body = turn("Say ab many times.", id, json!({"stream": true, "max_tokens": 600}));
+    body["helpline"]["grounding"] = json!(false);
+    body["helpline"]["grammar"] = json!({"regex": "(ab ){120}"});
+    let mut s = server.agent_stream("/v1/chat/completions", &body).await;
+    s.next_data().await.expect("a first chunk");
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false")).execute(&mut admin).await.unwrap();
+    sqlx::query(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'")).execute(&mut admin).await.unwrap();
+    let mut rest = Vec::new();
+    while let Some(d) = s.next_data().await {
+        rest.push(d);
+    }
+    assert!(!rest.contains(&"[DONE]".to_string()), "a stream whose answer was not stored does not end as complete");
+    let last: Value = serde_json::from_str(rest.last().expect("events after the failure")).unwrap();
+    assert_eq!(last["error"]["type"], "server_error", "{last}");
+
+    // While the store is gone, a new turn is refused before anything runs (503, retry later).
+    let refused = server.agent_post_json("/v1/chat/completions", &turn("How do I reset my password?", id, json!({}))).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.header("retry-after").is_some());
+
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true")).execute(&mut admin).await.unwrap();
+    let c = wait_until(Duration::from_secs(60), "the store back", async || {
+        let r = server.agent_get(&format!("/v1/conversations/{id}")).await;
+        (r.status == 200).then(|| r.json())
+    })
+    .await;
+    let turns = c["turns"].as_array().unwrap();
+    assert!(turns.len() >= 3, "{c}");
+    assert_eq!(turns[0]["role"], "customer");
+    assert_eq!(turns[1]["state"], "complete", "the acknowledged answer is kept: {}", turns[1]);
+    assert_eq!(turns[1]["content"].as_str(), first.json()["choices"][0]["message"]["content"].as_str());
+    assert_eq!(turns[2]["content"], "Say ab many times.", "the question of the failed turn is kept");
+    assert!(turns.get(3).is_none_or(|t| t["state"] != "complete"), "the answer that was not stored is not marked complete");
+    admin.close().await.unwrap();
     server.shutdown().await;
 }
