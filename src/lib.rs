@@ -21,4 +21,5 @@ pub mod cli;
 pub mod config;
 pub mod server;
 pub mod webhook;
+pub mod actions;
 pub mod store;

@@ -28,3 +28,4 @@ mod agent_console;
 mod answers;
 mod access;
 mod properties;
+mod actions;
