@@ -13,22 +13,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 cargo build --release --locked
-if [ -z "${HELPLINE_AGENT_API_KEY:-}" ] && [ -z "${HELPLINE_AGENT_API_KEYS_FILE:-}" ]; then
-  mkdir -p data
-  if [ ! -s data/agent.key ]; then
-    (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' > data/agent.key)
+# ensure_key SCOPE FILE NOTE: unless HELPLINE_<SCOPE>_API_KEY or ..._API_KEYS_FILE is set, use the
+# key kept in FILE (made once, readable by this user only) and say where it is.
+ensure_key() {
+  local var="HELPLINE_$1_API_KEY" file_var="HELPLINE_$1_API_KEYS_FILE"
+  if [ -z "${!var:-}" ] && [ -z "${!file_var:-}" ]; then
+    mkdir -p data
+    if [ ! -s "$2" ]; then
+      (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' > "$2")
+    fi
+    export "$var=$(cat "$2")"
+    echo "$3" >&2
   fi
-  HELPLINE_AGENT_API_KEY=$(cat data/agent.key)
-  export HELPLINE_AGENT_API_KEY
-  echo "agent console: /agent (agent key in data/agent.key)" >&2
-fi
-if [ -z "${HELPLINE_ADMIN_API_KEY:-}" ] && [ -z "${HELPLINE_ADMIN_API_KEYS_FILE:-}" ]; then
-  mkdir -p data
-  if [ ! -s data/admin.key ]; then
-    (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' > data/admin.key)
-  fi
-  HELPLINE_ADMIN_API_KEY=$(cat data/admin.key)
-  export HELPLINE_ADMIN_API_KEY
-  echo "admin routes (reload, /metrics): admin key in data/admin.key" >&2
-fi
+}
+ensure_key AGENT data/agent.key "agent console: /agent (agent key in data/agent.key)"
+ensure_key ADMIN data/admin.key "admin routes (reload, /metrics): admin key in data/admin.key"
 exec target/release/helpline serve "$@"

@@ -55,8 +55,9 @@ pub enum Scope {
     Admin,
 }
 
-/// What the request's key proved (put in the request's extensions by [`require_key`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the request's key proved (put in the request's extensions by [`require_key`]); the
+/// default is no key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Caller {
     /// The scope of the key presented; `None`: no key (or customer routes open without one).
     pub key: Option<Scope>,
@@ -133,6 +134,18 @@ fn key_scope(headers: &HeaderMap, state: &super::AppState) -> Option<Scope> {
     None
 }
 
+/// An agent or admin route: refused with 403 `code` when its scope has no key configured (`off`),
+/// 401 unless the request's key is of the scope (`allowed`), else run.
+async fn scoped(req: Request, next: Next, off: bool, allowed: bool, code: &'static str, message: &'static str) -> Response {
+    if off {
+        return ApiError::forbidden(code, message).into_response();
+    }
+    if allowed {
+        return next.run(req).await;
+    }
+    ApiError::unauthorized().into_response()
+}
+
 /// Middleware: each route's scope needs its key. Admin and agent routes need their own keys (and
 /// are refused when none is configured); customer routes need a customer, agent or admin key when
 /// customer keys are configured, and are open otherwise. Errors are the error table's.
@@ -143,30 +156,12 @@ pub async fn require_key(State(state): State<SharedState>, mut req: Request, nex
     match scope {
         Scope::Public => next.run(req).await,
         Scope::Admin => {
-            if state.config.access.admin_key_hashes.is_empty() {
-                return ApiError::forbidden(
-                    "admin_routes_disabled",
-                    "admin routes are off: configure an admin key (`--admin-api-key` or `admin_api_keys_file`)",
-                )
-                .into_response();
-            }
-            if key == Some(Scope::Admin) {
-                return next.run(req).await;
-            }
-            ApiError::unauthorized().into_response()
+            let off = state.config.access.admin_key_hashes.is_empty();
+            scoped(req, next, off, key == Some(Scope::Admin), "admin_routes_disabled", "admin routes are off: configure an admin key (`--admin-api-key` or `admin_api_keys_file`)").await
         }
         Scope::Agent => {
-            if state.config.conversations.agent_key_hashes.is_empty() {
-                return ApiError::forbidden(
-                    "agent_routes_disabled",
-                    "agent routes are off: configure an agent key (`--agent-api-key` or `agent_api_keys_file`)",
-                )
-                .into_response();
-            }
-            if key == Some(Scope::Agent) {
-                return next.run(req).await;
-            }
-            ApiError::unauthorized().into_response()
+            let off = state.config.conversations.agent_key_hashes.is_empty();
+            scoped(req, next, off, key == Some(Scope::Agent), "agent_routes_disabled", "agent routes are off: configure an agent key (`--agent-api-key` or `agent_api_keys_file`)").await
         }
         Scope::Customer => {
             if state.config.api_key_hashes.is_empty() || key.is_some() {

@@ -601,7 +601,7 @@ pub async fn customer_handoff(
     body: axum::body::Bytes,
 ) -> Result<Json<CustomerHandoffOut>, ApiError> {
     let body = optional_json::<HandoffIn>(&body)?;
-    let caller = caller.map(|c| c.0).unwrap_or(super::auth::Caller { key: None });
+    let caller = caller.map(|c| c.0).unwrap_or_default();
     let identity = super::identity::of_request(&state.config.access, &headers, &caller)?;
     let reason = reason_code(body.reason, "customer_request")?;
     if identity != super::identity::Identity::Operator && !CUSTOMER_HANDOFF_REASONS.contains(&reason.as_str()) {
@@ -802,7 +802,7 @@ pub async fn conversation_feedback(
     ApiJson(body): ApiJson<FeedbackIn>,
 ) -> Result<Json<Value>, ApiError> {
     let fb = feedback(&body)?;
-    let caller = caller.map(|c| c.0).unwrap_or(super::auth::Caller { key: None });
+    let caller = caller.map(|c| c.0).unwrap_or_default();
     let identity = super::identity::of_request(&state.config.access, &headers, &caller)?;
     own_conversation(&state, &identity, body.customer_id.clone(), &id).await?;
     state.store()?.record_feedback(None, &id, fb.clone()).await.map_err(ApiError::store)?;
@@ -839,7 +839,7 @@ pub async fn answer_feedback(
     ApiJson(body): ApiJson<FeedbackIn>,
 ) -> Result<Json<Value>, ApiError> {
     let fb = feedback(&body)?;
-    let caller = caller.map(|c| c.0).unwrap_or(super::auth::Caller { key: None });
+    let caller = caller.map(|c| c.0).unwrap_or_default();
     let identity = super::identity::of_request(&state.config.access, &headers, &caller)?;
     let store = state.store()?;
     let turn = store.get_turn(&id).await.map_err(ApiError::store)?;

@@ -152,7 +152,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     state.loaded()?;
     let st = state.clone();
-    let caller = caller.map(|c| c.0).unwrap_or(Caller { key: None });
+    let caller = caller.map(|c| c.0).unwrap_or_default();
     // Who the customer is: a verified token, the operator's key, or anonymous (where allowed).
     let identity = super::identity::of_request(&state.config.access, &headers, &caller)?;
     let permit = state.preparing()?;

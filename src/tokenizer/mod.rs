@@ -228,39 +228,11 @@ impl Tokenizer {
     /// (e.g. "<|im_start|>") is tokenized as plain text; with `true` it maps to the token id.
     /// User-defined tokens are matched either way, as llama.cpp does.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        match &*self.model {
-            Model::Hf(hf) => return hf.encode(text, parse_special),
-            Model::Spm(spm) => {
-                let mut prev_special = true;
-                let mut buf = String::new();
-                for frag in self.vocab.partition(text, parse_special) {
-                    match frag {
-                        Fragment::Token(id) => {
-                            out.push(id);
-                            prev_special = true;
-                        }
-                        Fragment::Text(s) => {
-                            buf.clear();
-                            if self.add_space_prefix && prev_special {
-                                buf.push(' ');
-                            }
-                            buf.push_str(s);
-                            spm.encode(&self.vocab, &spm::escape_whitespace(&buf), &mut out);
-                            prev_special = false;
-                        }
-                    }
-                }
-            }
-            Model::Bpe(bpe) => {
-                for frag in self.vocab.partition(text, parse_special) {
-                    match frag {
-                        Fragment::Token(id) => out.push(id),
-                        Fragment::Text(s) => bpe.encode(&self.vocab, s, &mut out)?,
-                    }
-                }
-            }
+        if let Model::Hf(hf) = &*self.model {
+            return hf.encode(text, parse_special);
         }
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        self.encode_fragments(self.vocab.partition(text, parse_special), &mut out)?;
         Ok(out)
     }
 
@@ -288,39 +260,51 @@ impl Tokenizer {
             }
         }
         let mut out = Vec::with_capacity(frags.len() * 4);
+        let borrowed = frags.iter().map(|f| match f {
+            OwnedFragment::Text(t) => Fragment::Text(t),
+            OwnedFragment::Token(id) => Fragment::Token(*id),
+        });
+        self.encode_fragments(borrowed, &mut out)?;
+        Ok(out)
+    }
+
+    /// Tokenizes partitioned input (SentencePiece or BPE): special tokens as they are, text
+    /// through the model (SentencePiece prefixes a space after a special token when the vocabulary
+    /// asks for it).
+    fn encode_fragments<'t>(&self, frags: impl IntoIterator<Item = Fragment<'t>>, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
         match &*self.model {
             Model::Spm(spm) => {
                 let mut prev_special = true;
                 let mut buf = String::new();
-                for frag in &frags {
+                for frag in frags {
                     match frag {
-                        OwnedFragment::Token(id) => {
-                            out.push(*id);
+                        Fragment::Token(id) => {
+                            out.push(id);
                             prev_special = true;
                         }
-                        OwnedFragment::Text(s) => {
+                        Fragment::Text(s) => {
                             buf.clear();
                             if self.add_space_prefix && prev_special {
                                 buf.push(' ');
                             }
                             buf.push_str(s);
-                            spm.encode(&self.vocab, &spm::escape_whitespace(&buf), &mut out);
+                            spm.encode(&self.vocab, &spm::escape_whitespace(&buf), out);
                             prev_special = false;
                         }
                     }
                 }
             }
             Model::Bpe(bpe) => {
-                for frag in &frags {
+                for frag in frags {
                     match frag {
-                        OwnedFragment::Token(id) => out.push(*id),
-                        OwnedFragment::Text(s) => bpe.encode(&self.vocab, s, &mut out)?,
+                        Fragment::Token(id) => out.push(id),
+                        Fragment::Text(s) => bpe.encode(&self.vocab, s, out)?,
                     }
                 }
             }
-            Model::Hf(_) => unreachable!("handled above"),
+            Model::Hf(_) => unreachable!("Hugging Face tokenizers encode whole texts"),
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The raw bytes token `id` stands for (byte-level BPE decoded, SentencePiece '▁' as ' ',
