@@ -190,6 +190,13 @@ pub struct EvalArgs {
     pub docs_dir: std::path::PathBuf,
     #[arg(long = "policy", default_value = "docs-corpus/policy.toml")]
     pub policy_file: std::path::PathBuf,
+    /// Evaluate action selection on this set (e.g. eval/actions.jsonl) through the real turn, as
+    /// a verified demo customer, with nothing called (needs --actions-file).
+    #[arg(long)]
+    pub actions: Option<std::path::PathBuf>,
+    /// The actions file for `--actions`.
+    #[arg(long, default_value = "docs-corpus/actions.toml")]
+    pub actions_file: std::path::PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -312,6 +319,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Index(args) => index(args),
         Command::Search(args) => search(args),
+        Command::Eval(args) if args.actions.is_some() => eval_actions(&cli, args),
         Command::Eval(args) if args.answers => eval_answers(&cli, args),
         Command::Eval(args) => eval(args),
         Command::Bench { target: Some(BenchTarget::Serve(args)), .. } => crate::bench_serve::run_cli(args),
@@ -551,6 +559,7 @@ fn turn_deps_for(cli: &Cli, policy_file: &std::path::Path, docs_dir: &std::path:
         settings: std::sync::Arc::new(crate::turn::Settings::default()),
         observer: std::sync::Arc::new(crate::turn::NoObserver),
         identity: std::sync::Arc::new(identity),
+        actions: None,
     })
 }
 
@@ -575,6 +584,7 @@ async fn ask_turn(deps: &crate::turn::Deps, gen: &GenArgs, t: &TurnArgs, message
         conversation: None,
         audit_request: serde_json::Value::Null,
         for_agent: false,
+        dry_run_actions: false,
     };
     let mut answer = crate::turn::run(deps, req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut out = std::io::stdout().lock();
@@ -634,6 +644,30 @@ fn chat(cli: &Cli, gen: &GenArgs, t: &TurnArgs) -> Result<ExitCode> {
                 eprintln!("{e:#}");
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval_actions(cli: &Cli, args: &EvalArgs) -> Result<ExitCode> {
+    use crate::actions_eval as ev;
+    let set = args.actions.as_ref().expect("checked by the caller");
+    let mut deps = turn_deps_for(cli, &args.policy_file, &args.docs_dir, &args.index_dir, true)?;
+    let actions = crate::actions::Actions::load(&args.actions_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let kb = deps.knowledge.as_ref().expect("grounded");
+    let runtime_actions = crate::turn::act::Runtime::new(actions, args.actions_file.display().to_string(), kb.embedder()).map_err(|e| anyhow::anyhow!(e))?;
+    let writes: Vec<String> = runtime_actions.actions.actions.iter().filter(|a| a.effect == crate::actions::Effect::Write).map(|a| a.name.clone()).collect();
+    deps.actions = Some(std::sync::Arc::new(runtime_actions));
+    let cases = ev::load(set).map_err(|e| anyhow::anyhow!(e))?;
+    let outcomes = runtime()?.block_on(ev::run(&deps, &cases)).map_err(|e| anyhow::anyhow!(e))?;
+    let f = ev::figures(&cases, &outcomes, &writes);
+    if let Some(path) = &args.dump {
+        let lines: Vec<String> = outcomes.iter().map(|o| serde_json::to_string(o).unwrap_or_default()).collect();
+        std::fs::write(path, lines.join("\n") + "\n")?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&f)?);
+    } else {
+        print!("{}: {f}", set.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -207,6 +207,8 @@ pub struct GroundingConfig {
     pub handoff_message: String,
     /// The policy pack (forbidden commitments, escalation triggers, out-of-scope topics).
     pub policy_file: PathBuf,
+    /// The declared actions (`docs-corpus/actions.toml` for the Tallyworks demo); none: no actions.
+    pub actions_file: Option<PathBuf>,
     /// How grounded answers are made unless a request asks otherwise (`answer_mode`; the older
     /// `quote_mode = true` means `quote`).
     pub answer_mode: crate::turn::Mode,
@@ -232,6 +234,7 @@ impl Default for GroundingConfig {
                               our team answers within one business day."
                 .into(),
             policy_file: PathBuf::from("docs-corpus/policy.toml"),
+            actions_file: None,
             answer_mode: crate::turn::Mode::Assembled,
             allowed_modes: vec![crate::turn::Mode::Assembled, crate::turn::Mode::Generative, crate::turn::Mode::Quote],
         }
@@ -398,6 +401,10 @@ pub struct ServeArgs {
     /// The policy pack TOML (default docs-corpus/policy.toml); validated at start-up and on reload.
     #[arg(long, value_name = "FILE")]
     pub policy_file: Option<PathBuf>,
+    /// The actions the bot may take for verified customers (e.g. docs-corpus/actions.toml, see
+    /// docs/actions.md); validated at start-up and on policy reload. Default: none.
+    #[arg(long, value_name = "FILE")]
+    pub actions_file: Option<PathBuf>,
     /// `true`: grounded answers are made in quote mode (the model copying sentences under a grammar);
     /// the same as `--answer-mode quote`. Kept for older configurations.
     #[arg(long, value_name = "BOOL")]
@@ -581,6 +588,7 @@ pub const SETTINGS: &[&str] = &[
     "refusal_message",
     "handoff_message",
     "policy_file",
+    "actions_file",
     "quote_mode",
     "answer_mode",
     "allowed_answer_modes",
@@ -741,6 +749,7 @@ pub fn load_with_env(
         refusal_message: r.text("refusal_message", 2000)?.unwrap_or(g.refusal_message),
         handoff_message: r.text("handoff_message", 2000)?.unwrap_or(g.handoff_message),
         policy_file: path("policy_file")?.unwrap_or(g.policy_file),
+        actions_file: path("actions_file")?.or(g.actions_file),
         answer_mode: {
             let quote = r.bool("quote_mode")?;
             match r.pick("answer_mode") {
@@ -1046,6 +1055,7 @@ impl Resolver<'_> {
             "refusal_message" => a.refusal_message.clone().map(Raw::Text),
             "handoff_message" => a.handoff_message.clone().map(Raw::Text),
             "policy_file" => a.policy_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
+            "actions_file" => a.actions_file.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
             "quote_mode" => a.quote_mode.map(|b| Raw::Text(b.to_string())),
             "answer_mode" => a.answer_mode.clone().map(Raw::Text),
             "allowed_answer_modes" => a.allowed_answer_modes.clone().map(Raw::Text),

@@ -45,7 +45,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -55,11 +55,9 @@ use hmac::{Hmac, Mac};
 use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT};
 use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -880,40 +878,14 @@ async fn send(
     target: &Target,
     request: Request<Full<Bytes>>,
 ) -> Result<(StatusCode, Option<Duration>), String> {
-    let stream = TcpStream::connect((target.host.as_str(), target.port))
-        .await
-        .map_err(|e| format!("connection to {} failed: {e}", target.authority))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| {
-            format!(
-                "HTTP handshake with {} failed: {}",
-                target.authority,
-                chain(&e)
-            )
-        })?;
-    // The connection future does the actual I/O, so it is polled alongside the
-    // response instead of spawned: dropping this future (timeout, shutdown)
-    // then closes the socket immediately.
-    let mut conn = pin!(conn);
-    let mut response = pin!(sender.send_request(request));
-    let result = tokio::select! {
-        r = &mut response => r,
-        c = &mut conn => match c {
-            Err(e) => Err(e),
-            // Closed cleanly; the response future now resolves (likely with an error).
-            Ok(()) => response.await,
-        },
-    };
-    let response =
-        result.map_err(|e| format!("request to {} failed: {}", target.authority, chain(&e)))?;
-    let retry_after = response
-        .headers()
+    let to = crate::httpc::Target { host: target.host.clone(), port: target.port, authority: target.authority.clone() };
+    // The receiver's answer body is not used; a small one is read so the exchange completes.
+    let (status, headers, _) = crate::httpc::exchange(&to, request, 1 << 20).await?;
+    let retry_after = headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after);
-    Ok((response.status(), retry_after))
+    Ok((status, retry_after))
 }
 
 /// Only the delay-seconds form; the HTTP-date form is rare for webhooks and
@@ -993,16 +965,6 @@ fn instant_at(due_ms: i64) -> Instant {
 
 /// Flattens an error and its sources; hyper's top-level messages alone
 /// ("connection error") are too vague for a dead-letter record.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
 
 #[cfg(test)]
 mod tests {

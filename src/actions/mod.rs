@@ -16,6 +16,8 @@
 //!
 //! Every problem names the action and the field (`action "send-password-reset": path: ...`).
 
+pub mod intent;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;

@@ -582,6 +582,7 @@ async fn draft_turn(deps: &crate::turn::Deps, messages: Vec<ChatMessage>) -> Res
         conversation: None,
         audit_request: Value::Null,
         for_agent: true,
+        dry_run_actions: false,
     };
     Ok(crate::turn::run(deps, req).await?.collect().await?)
 }

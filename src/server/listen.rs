@@ -353,6 +353,11 @@ fn load_model(state: &AppState) -> Result<(), String> {
         state.set_embedder(Arc::new(embedder));
     }
     open_knowledge(state)?;
+    let actions = state.load_actions().map_err(|e| format!("{e}; fix the file, or leave out `actions_file` to serve without actions"))?;
+    if let Some(a) = &actions {
+        eprintln!("helpline: {} actions from {} in force", a.actions.actions.len(), a.source);
+    }
+    state.set_actions(actions);
     if let Ok(policy) = state.policy() {
         crate::turn::check_decision_articles(&policy, state.knowledge().ok().as_ref()).map_err(|e| format!("{e}; fix the pack or the docs"))?;
     }

@@ -50,6 +50,11 @@ pub struct Metrics {
     sentences: Mutex<BTreeMap<&'static str, u64>>,
     /// Chat answers by how they were made (`assembled`, `generative`, `quote`, `model`, `fixed`).
     answer_modes: Mutex<BTreeMap<&'static str, u64>>,
+    /// Action backend calls by (action, outcome), their latency, and confirmations by event.
+    action_calls: Mutex<BTreeMap<(String, String), u64>>,
+    action_latency: Mutex<BTreeMap<String, (f64, u64)>>,
+    action_seconds: Histogram,
+    confirmations: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
@@ -74,6 +79,10 @@ impl Default for Metrics {
             embeddings: Histogram::new(RETRIEVAL_BUCKETS),
             sentences: Mutex::new(BTreeMap::new()),
             answer_modes: Mutex::new(BTreeMap::new()),
+            action_calls: Mutex::new(BTreeMap::new()),
+            action_latency: Mutex::new(BTreeMap::new()),
+            action_seconds: Histogram::new(STORE_BUCKETS),
+            confirmations: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -281,7 +290,27 @@ impl Metrics {
         self.store_writes.render(&mut out, "helpline_store_write_seconds", "Time a chat turn spent writing to the conversation store.");
         self.embeddings.render(&mut out, "helpline_embedding_seconds", "Time to embed one question (sentence-embedding model).");
         labelled(&mut out, "helpline_checked_sentences_total", "Generated sentences by what the sentence check did (kept, replaced, dropped).", "outcome", &self.sentences);
-        labelled(&mut out, "helpline_answer_modes_total", "Chat answers by how they were made (assembled, generative, quote, model, fixed).", "mode", &self.answer_modes);
+        labelled(&mut out, "helpline_answer_modes_total", "Chat answers by how they were made (assembled, generative, quote, model, fixed, action).", "mode", &self.answer_modes);
+        header(&mut out, "helpline_action_calls_total", "counter", "Declared actions' backend calls, by action and outcome (ok, timeout, not_found, http_500, rate_limited...).");
+        {
+            let map = self.action_calls.lock().unwrap_or_else(|e| e.into_inner());
+            for ((action, outcome), n) in map.iter() {
+                let _ = writeln!(out, "helpline_action_calls_total{{action=\"{}\",outcome=\"{}\"}} {n}", escape_label(action), escape_label(outcome));
+            }
+        }
+        header(&mut out, "helpline_action_call_seconds_sum", "counter", "Total time of action backend calls, by action (with _count: the mean latency).");
+        {
+            let map = self.action_latency.lock().unwrap_or_else(|e| e.into_inner());
+            for (action, (sum, _)) in map.iter() {
+                let _ = writeln!(out, "helpline_action_call_seconds_sum{{action=\"{}\"}} {sum}", escape_label(action));
+            }
+            header(&mut out, "helpline_action_call_seconds_count", "counter", "Action backend calls timed, by action.");
+            for (action, (_, n)) in map.iter() {
+                let _ = writeln!(out, "helpline_action_call_seconds_count{{action=\"{}\"}} {n}", escape_label(action));
+            }
+        }
+        self.action_seconds.render(&mut out, "helpline_action_seconds", "Latency of action backend calls, retries included.");
+        labelled(&mut out, "helpline_action_confirmations_total", "Write confirmations: asked, given, declined, lapsed.", "event", &self.confirmations);
         out
     }
 }
@@ -330,6 +359,19 @@ impl crate::turn::Observer for Metrics {
     fn answer_mode(&self, mode: &'static str) {
         let mut map = self.answer_modes.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry(mode).or_insert(0) += 1;
+    }
+    fn action_call(&self, action: &str, outcome: &str, secs: f64) {
+        *self.action_calls.lock().unwrap_or_else(|e| e.into_inner()).entry((action.to_string(), outcome.to_string())).or_insert(0) += 1;
+        if outcome != "rate_limited" {
+            let mut l = self.action_latency.lock().unwrap_or_else(|e| e.into_inner());
+            let e = l.entry(action.to_string()).or_insert((0.0, 0));
+            e.0 += secs;
+            e.1 += 1;
+            self.action_seconds.observe(secs);
+        }
+    }
+    fn action_confirmation(&self, event: &'static str) {
+        *self.confirmations.lock().unwrap_or_else(|e| e.into_inner()).entry(event).or_insert(0) += 1;
     }
 }
 

@@ -57,6 +57,8 @@ pub struct AppState {
     fingerprints: OnceLock<Fingerprints>,
     /// The sentence-embedding model (indexing, retrieval, evidence selection).
     embedder: OnceLock<Arc<crate::embed::Embedder>>,
+    /// The operator's declared actions, when an actions file is configured; replaced whole on reload.
+    actions: RwLock<Option<Arc<crate::turn::act::Runtime>>>,
     /// Requests being prepared before the engine's queue (validation, grammar compiles, templates,
     /// tokenizing): `max_preparing` at once, more are answered 429.
     preparing: Arc<tokio::sync::Semaphore>,
@@ -86,6 +88,7 @@ impl AppState {
             webhook: OnceLock::new(),
             fingerprints: OnceLock::new(),
             embedder: OnceLock::new(),
+            actions: RwLock::new(None),
             preparing: Arc::new(tokio::sync::Semaphore::new(config.max_preparing)),
             config,
         })
@@ -197,7 +200,26 @@ impl AppState {
             settings: Arc::new(settings),
             observer: self.metrics.clone(),
             identity: Arc::new(identity),
+            actions: self.actions.read().unwrap_or_else(|e| e.into_inner()).clone(),
         })
+    }
+
+    /// Puts declared actions in force (replacing the previous ones whole).
+    pub fn set_actions(&self, actions: Option<crate::turn::act::Runtime>) {
+        *self.actions.write().unwrap_or_else(|e| e.into_inner()) = actions.map(Arc::new);
+    }
+
+    /// The declared actions in force, if any.
+    pub fn actions(&self) -> Option<Arc<crate::turn::act::Runtime>> {
+        self.actions.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads, validates and readies the configured actions file (none configured: no actions).
+    pub fn load_actions(&self) -> Result<Option<crate::turn::act::Runtime>, String> {
+        let Some(path) = &self.config.grounding.actions_file else { return Ok(None) };
+        let actions = crate::actions::Actions::load(path).map_err(|e| e.to_string())?;
+        let embedder = self.embedder().map_err(|e| e.message)?;
+        crate::turn::act::Runtime::new(actions, path.display().to_string(), &embedder).map(Some)
     }
 
     /// Makes a knowledge base available (or replaces it).

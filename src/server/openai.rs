@@ -73,6 +73,25 @@ pub async fn replay(State(state): State<SharedState>, Path(id): Path<String>) ->
     use serde_json::json;
     let turn = state.store()?.get_turn(&id).await.map_err(ApiError::store)?;
     let audit = turn.audit.clone().ok_or_else(|| ApiError::not_found("not_found", format!("answer `{id}` has no audit record to replay")))?;
+    // An action turn is never re-run: a write must not happen twice, and a read's answer is the
+    // backend's of that moment. The report says what was (or would be) called.
+    if let Some(action) = audit.get("action").filter(|a| a.is_object()) {
+        return Ok(axum::Json(json!({
+            "answer_id": id,
+            "identical": null,
+            "original": turn.content,
+            "replayed": null,
+            "action": {
+                "name": action["name"],
+                "effect": action["effect"],
+                "stage": action["stage"],
+                "would_call": action["call"]["request"],
+                "executed_then": action["call"]["executed"].as_bool().unwrap_or(false),
+                "executed_now": false,
+            },
+            "note": "an action turn is not re-run by replay: nothing was called; `would_call` is the request it made (secrets redacted)",
+        })));
+    }
     // The customer's message is kept once, as its own turn; the record names it.
     let mut request = audit["request"].clone();
     if let Some(serde_json::Value::Array(messages)) = request.get_mut("messages") {
@@ -95,6 +114,7 @@ pub async fn replay(State(state): State<SharedState>, Path(id): Path<String>) ->
     let mut chat = blocking(move || validate::chat(&req, &st.config, st.loaded()?, &Caller { key: Some(Scope::Agent) })).await?;
     // Nothing is stored: the replayed answer is only compared.
     chat.turn.conversation = None;
+    chat.turn.dry_run_actions = true;
     let deps = state.turn_deps()?;
     let replayed = crate::turn::run(&deps, chat.turn).await?.collect().await?.text;
     let index = state.knowledge().ok().map(|k| k.version());

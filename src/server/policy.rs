@@ -75,7 +75,7 @@ pub async fn policy_status(State(state): State<SharedState>) -> Result<Json<Poli
     operation_id = "reloadPolicy",
     responses(
         (status = 200, description = "The new pack is in force", body = PolicyStatus),
-        (status = 400, description = "The pack is invalid (`invalid_policy`); the previous one stays", body = ErrorResponse),
+        (status = 400, description = "The pack is invalid (`invalid_policy`) or the actions file is (`invalid_actions`, naming the action and field); the previous ones stay", body = ErrorResponse),
     )
 )]
 pub async fn reload(State(state): State<SharedState>) -> Result<Json<PolicyStatus>, ApiError> {
@@ -84,37 +84,41 @@ pub async fn reload(State(state): State<SharedState>) -> Result<Json<PolicyStatu
         return Err(ApiError::conflict("reload_in_progress", "a policy reload is already running; retry when it has finished"));
     };
     let st = state.clone();
-    let loaded = tokio::task::spawn_blocking(move || -> Result<Option<ActivePolicy>, String> {
-        let p = ActivePolicy::load(&st.config.grounding.policy_file).map_err(|e| e.to_string())?;
+    let loaded = tokio::task::spawn_blocking(move || -> Result<(Option<ActivePolicy>, Option<crate::turn::act::Runtime>), (&'static str, String)> {
+        // The actions file is read with the pack: an invalid one is refused, naming the action and field.
+        let actions = st.load_actions().map_err(|e| ("invalid_actions", e))?;
+        let p = ActivePolicy::load(&st.config.grounding.policy_file).map_err(|e| ("invalid_policy", e.to_string()))?;
         // The same pack as in force: nothing to compile, and the warm grammar caches stay.
         if st.policy().is_ok_and(|cur| cur.pack == p.pack) {
-            return Ok(None);
+            return Ok((None, actions));
         }
         // Every article a decision rule quotes is in the index.
-        crate::turn::check_decision_articles(&p, st.knowledge().ok().as_ref())?;
+        crate::turn::check_decision_articles(&p, st.knowledge().ok().as_ref()).map_err(|e| ("invalid_policy", e))?;
         // The new pack's grammars compile before it is put in force (never a half-working pack).
         if let Ok(l) = st.loaded() {
-            p.precompile(&l.guard, st.config.grounding.passages).map_err(|e| format!("the pack's grammar does not compile: {e}"))?;
+            p.precompile(&l.guard, st.config.grounding.passages).map_err(|e| ("invalid_policy", format!("the pack's grammar does not compile: {e}")))?;
         }
-        Ok(Some(p))
+        Ok((Some(p), actions))
     })
     .await
     .map_err(ApiError::internal)?;
     match loaded {
-        Ok(None) => {
+        Ok((None, actions)) => {
+            state.set_actions(actions);
             state.metrics.policy_reload("unchanged");
             let cur = state.policy()?;
             Ok(Json(status_of(&cur, &state)))
         }
-        Ok(Some(p)) => {
+        Ok((Some(p), actions)) => {
+            state.set_actions(actions);
             state.metrics.policy_reload("ok");
             let status = status_of(&p, &state);
             state.set_policy(p);
             Ok(Json(status))
         }
-        Err(e) => {
+        Err((code, e)) => {
             state.metrics.policy_reload("failed");
-            Err(ApiError::bad_request("invalid_policy", e))
+            Err(ApiError::bad_request(code, e))
         }
     }
 }

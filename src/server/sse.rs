@@ -170,7 +170,7 @@ impl Meta {
 
 /// The `helpline` object of an answer that is neither grounded nor guarded (text completions).
 pub fn plain_info(timings: &Timings) -> HelplineInfo {
-    HelplineInfo { timings: TimingsOut::from(timings), grounding: None, citations: None, handoff: None, guard: None, conversation_id: None, answer_id: None }
+    HelplineInfo { timings: TimingsOut::from(timings), grounding: None, citations: None, handoff: None, guard: None, action: None, conversation_id: None, answer_id: None }
 }
 
 fn chat_choice(delta: ChatDelta, finish_reason: Option<FinishReason>) -> ChatChunkChoice {

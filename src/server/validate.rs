@@ -99,6 +99,7 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded, cal
         conversation: Some(conversation),
         audit_request: serde_json::to_value(req).unwrap_or_default(),
         for_agent: false,
+        dry_run_actions: false,
     };
     Ok(ValidChat { turn, stream: sampling.stream, include_usage: sampling.include_usage })
 }

@@ -11,6 +11,7 @@
 //! that the server maps into its one error table. It knows the layers below it (policy, retrieval,
 //! engine, store), never HTTP.
 
+pub mod act;
 pub mod check;
 pub mod compose;
 pub mod evidence;
@@ -70,6 +71,11 @@ pub trait Observer: Send + Sync {
     fn sentence(&self, _outcome: &'static str) {}
     /// How an answer was made: `assembled`, `generative`, `quote`, `model`, `fixed`.
     fn answer_mode(&self, _mode: &'static str) {}
+    /// An action's backend call: `outcome` is `ok`, `timeout`, `not_found`, `http_500`,
+    /// `rate_limited`...
+    fn action_call(&self, _action: &str, _outcome: &str, _secs: f64) {}
+    /// A write's confirmation: `asked`, `given`, `declined` or `lapsed`.
+    fn action_confirmation(&self, _event: &'static str) {}
 }
 
 /// Reports nowhere.
@@ -133,6 +139,8 @@ pub struct Deps {
     pub settings: Arc<Settings>,
     pub observer: Arc<dyn Observer>,
     pub identity: Arc<Identity>,
+    /// The operator's declared actions; none: the bot only answers.
+    pub actions: Option<Arc<act::Runtime>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,6 +214,8 @@ pub struct Request {
     /// Drafted for a support agent: no escalation, handoff or small-talk pre-check (the agent is
     /// the person); out-of-scope topics and decisions still apply.
     pub for_agent: bool,
+    /// Replay: an action is reported as it would be called, never called.
+    pub dry_run_actions: bool,
 }
 
 impl Request {
@@ -348,11 +358,16 @@ pub async fn run(deps: &Deps, req: Request) -> Result<Answer, TurnError> {
         let plan = handed_off(deps);
         return answer_fixed(deps, &req, conversation, plan).await;
     }
+    // A question the previous answer asked (a confirmation, a missing value) is settled first.
+    let pending = match (&deps.actions, &deps.store, &conversation) {
+        (Some(_), Some(store), Some(conv)) if conv.turns > 0 && !req.for_agent => act::pending(store, &conv.id).await?,
+        _ => None,
+    };
     // Pre-checks, retrieval, evidence, the gate and composition are CPU work (embeddings,
     // tokenizing, templates): off the async threads.
     let d = deps.clone();
     let (plan, req) = tokio::task::spawn_blocking(move || {
-        let plan = plan(&d, &req);
+        let plan = plan(&d, &req, pending);
         (plan, req)
     })
     .await
@@ -360,6 +375,11 @@ pub async fn run(deps: &Deps, req: Request) -> Result<Answer, TurnError> {
     match plan? {
         Plan::Fixed(f) => answer_fixed(deps, &req, conversation, f).await,
         Plan::Generate(g) => answer_generated(deps, &req, conversation, *g).await,
+        Plan::Act(c) => {
+            let rt = deps.actions.clone().ok_or_else(|| internal("the actions were unloaded during the turn"))?;
+            let (text, info, hand_off) = act::call(deps, &rt, &req, c.index, c.arguments, c.info).await?;
+            answer_fixed(deps, &req, conversation, action_fixed(deps, text, info, hand_off)).await
+        }
     }
 }
 
@@ -367,6 +387,7 @@ pub async fn run(deps: &Deps, req: Request) -> Result<Answer, TurnError> {
 enum Plan {
     Fixed(Fixed),
     Generate(Box<Generate>),
+    Act(Box<ActCall>),
 }
 
 /// An answer no model writes: assembled quotes, a refusal, a handoff, a decision, small talk.
@@ -383,6 +404,15 @@ struct Fixed {
     outcome: &'static str,
     index_version: Option<String>,
     mode: &'static str,
+    /// A turn about a declared action: its report.
+    action: Option<report::ActionInfo>,
+}
+
+/// A declared action to call before the answer is made (the call is async, the plan is not).
+struct ActCall {
+    index: usize,
+    arguments: serde_json::Map<String, Value>,
+    info: report::ActionInfo,
 }
 
 /// An answer the model writes.
@@ -448,6 +478,7 @@ fn handed_off(deps: &Deps) -> Fixed {
         outcome: "handoff",
         index_version: None,
         mode: "fixed",
+        action: None,
     }
 }
 
@@ -489,8 +520,42 @@ pub const GATE_WEIGHTS: [f32; 4] = [0.5, 0.5, 1.0, 0.5];
 /// The default threshold on [`gate_score`] (the operator's `min_relevance`).
 pub const GATE_THRESHOLD: f32 = 0.36;
 
+/// The answer of a turn about a declared action: a question, a refusal, or the result as the
+/// operator's template shows it; `hand_off`: the call failed and a person takes over.
+fn action_fixed(deps: &Deps, text: String, info: report::ActionInfo, hand_off: Option<String>) -> Fixed {
+    let policy = &deps.policy;
+    let handoff = hand_off.as_ref().map(|r| HandoffInfo { offered: true, reason: r.clone(), message: policy.pack.messages.handoff.clone(), summary: None });
+    let action = if hand_off.is_some() { GuardAction::Handoff } else { GuardAction::None };
+    Fixed {
+        guard: guard_info(policy, action, Vec::new(), hand_off.clone()),
+        text,
+        finish: FinishReason::Stop,
+        grounding: grounding_info(GroundingStatus::Skipped),
+        citations: None,
+        handoff,
+        outcome: if hand_off.is_some() { "handoff" } else { "action" },
+        hand_off,
+        index_version: None,
+        mode: "action",
+        action: Some(info),
+    }
+}
+
+/// The action part of a turn, when actions are declared and the turn is a customer's grounded
+/// chat: `None` when the message asks for none.
+fn action_plan(deps: &Deps, req: &Request, pending: Option<act::Pending>) -> Result<Option<Plan>, TurnError> {
+    let Some(rt) = &deps.actions else { return Ok(None) };
+    if req.for_agent || req.grounding.is_none() || req.structured.is_some() {
+        return Ok(None);
+    }
+    Ok(act::decide(deps, rt, req, pending)?.map(|d| match d {
+        act::Decided::Say { text, action } => Plan::Fixed(action_fixed(deps, text, action, None)),
+        act::Decided::Call { action, arguments, info } => Plan::Act(Box::new(ActCall { index: action, arguments, info })),
+    }))
+}
+
 /// Decides the turn (runs on a blocking thread).
-fn plan(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
+fn plan(deps: &Deps, req: &Request, pending: Option<act::Pending>) -> Result<Plan, TurnError> {
     let policy = &deps.policy;
     let settings = &deps.settings;
     let refusals = [policy.pack.messages.refusal.as_str(), settings.refusal_message.as_str()];
@@ -499,6 +564,13 @@ fn plan(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
         .filter(|c| !(req.for_agent && matches!(c, PreCheck::Handoff(_) | PreCheck::SmallTalk(_))))
         // With grounding off the model answers as it is (small talk included).
         .filter(|c| req.grounding.is_some() || !matches!(c, PreCheck::SmallTalk(_)));
+    // An escalation or an out-of-scope topic comes before any action; an action before small
+    // talk and decisions ("yes" answers a confirmation, it is not small talk).
+    if !matches!(checked, Some(PreCheck::Handoff(_)) | Some(PreCheck::OutOfScope(..))) {
+        if let Some(p) = action_plan(deps, req, pending)? {
+            return Ok(p);
+        }
+    }
     match checked {
         Some(PreCheck::Handoff(fired)) => {
             deps.observer.guard_rule(&fired.rule, "handoff");
@@ -514,6 +586,7 @@ fn plan(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
                 outcome: "handoff",
                 index_version: None,
                 mode: "fixed",
+                action: None,
             }));
         }
         Some(PreCheck::OutOfScope(fired, reply)) => {
@@ -529,6 +602,7 @@ fn plan(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
                 outcome: "content_filter",
                 index_version: None,
                 mode: "fixed",
+                action: None,
             }));
         }
         Some(PreCheck::SmallTalk(reply)) => {
@@ -543,6 +617,7 @@ fn plan(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
                 outcome: "stop",
                 index_version: None,
                 mode: "fixed",
+                action: None,
             }));
         }
         Some(PreCheck::Decision(d)) => return decision(deps, req, d),
@@ -607,6 +682,7 @@ fn plan(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
                 outcome: "stop",
                 index_version: Some(kb.version()),
                 mode: "assembled",
+                action: None,
             }))
         }
         _ => generated(deps, req, &kb, &retrieval.evidence, &selection, info, history, latest),
@@ -688,6 +764,7 @@ fn refuse(deps: &Deps, mut info: GroundingInfo, structured: bool, reason: &str) 
         hand_off: None,
         outcome: if structured { "refused" } else { "refused" },
         mode: "fixed",
+        action: None,
     }
 }
 
@@ -748,6 +825,7 @@ fn decision(deps: &Deps, req: &Request, d: crate::guard::escalation::DecisionFir
         outcome: "decision",
         index_version,
         mode,
+        action: None,
     }))
 }
 
@@ -931,6 +1009,7 @@ fn helpline_info(
         citations,
         handoff,
         guard: Some(guard),
+        action: None,
         conversation_id: rec.map(|r| r.conversation.id.clone()),
         answer_id: rec.map(|r| r.answer_id.clone()),
     }
@@ -967,8 +1046,13 @@ async fn answer_fixed(deps: &Deps, req: &Request, conversation: Option<Conversat
     };
     if let Some(r) = rec.as_mut() {
         let status = status_label(f.grounding.status);
-        r.set_audit(record::audit(&deps.identity, req.audit_request.clone(), None, f.index_version.as_deref(), &deps.policy.pack.version, &f.grounding, Some(&f.guard), status));
-        let info = helpline_info(f.grounding.clone(), f.citations.clone(), f.handoff.clone(), f.guard.clone(), &Timings::default(), Some(r));
+        let mut audit = record::audit(&deps.identity, req.audit_request.clone(), None, f.index_version.as_deref(), &deps.policy.pack.version, &f.grounding, Some(&f.guard), status);
+        if let (Some(a), Value::Object(m)) = (&f.action, &mut audit) {
+            m.insert("action".into(), act::audit_of(a));
+        }
+        r.set_audit(audit);
+        let mut info = helpline_info(f.grounding.clone(), f.citations.clone(), f.handoff.clone(), f.guard.clone(), &Timings::default(), Some(r));
+        info.action = f.action.clone();
         r.finish(&f.text, f.outcome, detail(&info, f.finish, usage)).await?;
     }
     if let (Some(reason), Some(store), Some(r)) = (&f.hand_off, &deps.store, rec.as_ref()) {
@@ -978,7 +1062,8 @@ async fn answer_fixed(deps: &Deps, req: &Request, conversation: Option<Conversat
             h.summary = Some(summary);
         }
     }
-    let info = helpline_info(f.grounding, f.citations, f.handoff, f.guard, &Timings::default(), rec.as_ref());
+    let mut info = helpline_info(f.grounding, f.citations, f.handoff, f.guard, &Timings::default(), rec.as_ref());
+    info.action = f.action;
     let finished = Finished { text: f.text.clone(), reason: f.finish, info, usage, refusal, content_null };
     let mut events: Vec<TurnEvent> = if content_null { Vec::new() } else { compose::pieces(&f.text).into_iter().map(TurnEvent::Text).collect() };
     events.push(TurnEvent::Done(Box::new(finished)));

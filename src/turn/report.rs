@@ -265,6 +265,9 @@ pub struct HelplineInfo {
     /// Chat answers: the policy pack's part in this answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardInfo>,
+    /// Present when the turn was about a declared action: what was asked, decided and called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<ActionInfo>,
     /// Chat answers: the stored conversation this turn belongs to (send it back as
     /// `helpline.conversation_id` to continue it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -332,3 +335,52 @@ impl GuardAction {
     }
 }
 
+
+/// A declared action in a turn (under `helpline.action`; kept in the audit record).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActionInfo {
+    /// The action's name in the actions file.
+    pub name: String,
+    /// `read` or `write`.
+    pub effect: String,
+    /// Where it stands: `arguments_asked`, `confirmation_asked`, `declined`, `refused`, `done`,
+    /// `failed`, or `would_call` (a replay: nothing was called).
+    pub stage: String,
+    /// How it was chosen: `examples` (the declared triggers), `model` (the model's choice under a
+    /// grammar), `confirmation` (a yes to the question asked), `arguments` (the missing value
+    /// given), `agent` (run by an agent).
+    pub detected_by: String,
+    /// The similarity of the message to the action's closest example.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+    /// The arguments: identity from the verified token, the rest from the conversation.
+    #[schema(value_type = Object)]
+    pub arguments: serde_json::Value,
+    /// Arguments still to be given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+    /// Why it was refused or failed: `not_verified`, `other_account`, `rate_limited`, `timeout`,
+    /// `not_found`, `http_500`...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<ActionCall>,
+}
+
+/// The backend call of an action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActionCall {
+    /// Method, URL, headers (secrets shown as `[redacted]`) and body, as sent.
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
+    /// The backend's HTTP status (none: no answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub latency_ms: f64,
+    pub attempts: u32,
+    /// `ok`, `timeout`, `unreachable`, `not_found`, `http_<status>`, `bad_answer`, `rate_limited`,
+    /// `not_run` (replay).
+    pub outcome: String,
+    /// The request reached the backend.
+    pub executed: bool,
+}

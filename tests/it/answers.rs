@@ -29,6 +29,7 @@ fn request(mode: Mode, messages: Vec<ChatMessage>) -> turn::Request {
         conversation: None,
         audit_request: Value::Null,
         for_agent: false,
+        dry_run_actions: false,
     }
 }
 
