@@ -88,6 +88,9 @@ pub struct AccessConfig {
     pub anonymous_chat: bool,
     /// HS256 secret customer tokens are signed with (the company's site signs them).
     pub customer_token_secret: Option<String>,
+    /// Demo accounts the chat page may sign in as (`GET /demo/sign-in/{account}` mints a short
+    /// signed token with `customer_token_secret`); empty (the default): no demo sign-in.
+    pub demo_accounts: Vec<String>,
     /// Or a PEM public key file: Ed25519 (EdDSA) or RSA (RS256).
     pub customer_token_public_key: Option<PathBuf>,
     /// That file's contents, read (and checked) when the config is loaded.
@@ -107,6 +110,7 @@ impl Default for AccessConfig {
             customer_answer_mode: false,
             anonymous_chat: true,
             customer_token_secret: None,
+            demo_accounts: Vec::new(),
             customer_token_public_key: None,
             customer_token_public_key_pem: None,
             customer_token_issuer: None,
@@ -484,6 +488,10 @@ pub struct ServeArgs {
     /// HS256 secret (at least 32 bytes) customer tokens are signed with.
     #[arg(long)]
     pub customer_token_secret: Option<String>,
+    /// Demo only: account ids (comma-separated) the chat page may sign in as at
+    /// /demo/sign-in/{account}, with a short token signed by `customer_token_secret`.
+    #[arg(long, value_name = "ACCOUNTS")]
+    pub demo_accounts: Option<String>,
     /// PEM public key (Ed25519 for EdDSA, RSA for RS256) customer tokens are signed for.
     #[arg(long, value_name = "FILE")]
     pub customer_token_public_key: Option<PathBuf>,
@@ -613,6 +621,7 @@ pub const SETTINGS: &[&str] = &[
     "customer_answer_mode",
     "anonymous_chat",
     "customer_token_secret",
+    "demo_accounts",
     "customer_token_public_key",
     "customer_token_issuer",
     "customer_token_audience",
@@ -847,6 +856,22 @@ pub fn load_with_env(
             "`anonymous_chat = false` needs customer tokens: set `customer_token_secret` or `customer_token_public_key`",
         ));
     }
+    let demo_accounts: Vec<String> = match r.pick("demo_accounts") {
+        Some((raw, src)) => {
+            let items: Vec<String> = match raw {
+                Raw::List(l) => l,
+                other => other.single("demo_accounts", &src)?.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect(),
+            };
+            if let Some(bad) = items.iter().find(|a| a.len() > 64 || !a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
+                return Err(ConfigError::new("demo_accounts", Some(src), format!("`{}` is not an account id (letters, digits, - and _, at most 64)", shown(bad))));
+            }
+            if !items.is_empty() && customer_token_secret.is_none() {
+                return Err(ConfigError::new("demo_accounts", Some(src), "demo sign-in signs tokens with `customer_token_secret`: set it too"));
+            }
+            items
+        }
+        None => Vec::new(),
+    };
     let customer_token_public_key_pem = match &customer_token_public_key {
         Some(p) => Some(std::fs::read(p).map_err(|e| ConfigError::new("customer_token_public_key", None, format!("cannot read {}: {e}", p.display())))?),
         None => None,
@@ -860,6 +885,7 @@ pub fn load_with_env(
         customer_answer_mode: r.bool("customer_answer_mode")?.unwrap_or(ad.customer_answer_mode),
         anonymous_chat,
         customer_token_secret,
+        demo_accounts,
         customer_token_public_key,
         customer_token_issuer: r.text("customer_token_issuer", 512)?,
         customer_token_audience: r.text("customer_token_audience", 512)?,
@@ -1080,6 +1106,7 @@ impl Resolver<'_> {
             "customer_answer_mode" => a.customer_answer_mode.map(|b| Raw::Text(b.to_string())),
             "anonymous_chat" => a.anonymous_chat.map(|b| Raw::Text(b.to_string())),
             "customer_token_secret" => a.customer_token_secret.clone().map(Raw::Text),
+            "demo_accounts" => a.demo_accounts.clone().map(Raw::Text),
             "customer_token_public_key" => a.customer_token_public_key.as_ref().map(|p| Raw::Text(p.to_string_lossy().into_owned())),
             "customer_token_issuer" => a.customer_token_issuer.clone().map(Raw::Text),
             "customer_token_audience" => a.customer_token_audience.clone().map(Raw::Text),

@@ -83,6 +83,7 @@ pub fn route_scope(method: &Method, path: &str) -> Scope {
             || path == "/agent"
             || path == "/openapi.json"
             || path.starts_with("/assets/")
+            || path.starts_with("/demo/sign-in/")
             || path.starts_with("/kb/"))
     {
         return Scope::Public;

@@ -32,7 +32,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
      img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 pub fn routes() -> Router<SharedState> {
-    Router::new().route("/", get(chat_page)).route(JS_PATH, get(chat_js)).route(CSS_PATH, get(chat_css)).route("/kb/{doc_id}", get(article))
+    Router::new().route("/", get(chat_page)).route("/demo/sign-in/{account}", get(demo_sign_in)).route(JS_PATH, get(chat_js)).route(CSS_PATH, get(chat_css)).route("/kb/{doc_id}", get(article))
 }
 
 /// Characters that could end an attribute or start markup, as entities.
@@ -68,6 +68,38 @@ async fn chat_page(State(state): State<SharedState>) -> Response {
         .replace("{{js_url}}", &format!("{JS_PATH}?v={v}"))
         .replace("{{handoff_message}}", &escape_html(&state.config.grounding.handoff_message));
     html_response(StatusCode::OK, html)
+}
+
+/// Demo only (`demo_accounts`): the chat page signed in as a demo account, with a customer token
+/// good for an hour signed with the configured secret, as a company's own site would sign one.
+/// Any account not listed is 404, and with none listed the route does not exist.
+async fn demo_sign_in(State(state): State<SharedState>, Path(account): Path<String>) -> Response {
+    let access = &state.config.access;
+    let (Some(secret), true) = (&access.customer_token_secret, access.demo_accounts.contains(&account)) else {
+        return ApiError::not_found("not_found", "no such demo account (the server's `demo_accounts` lists those it may sign in as)").into_response();
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut claims = serde_json::json!({"sub": format!("demo-{account}"), "account_id": account, "iat": now, "exp": now + 3600});
+    if let Some(iss) = &access.customer_token_issuer {
+        claims["iss"] = serde_json::json!(iss);
+    }
+    if let Some(aud) = &access.customer_token_audience {
+        claims["aud"] = serde_json::json!(aud);
+    }
+    let token = match jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())) {
+        Ok(t) => t,
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
+    let v = asset_version();
+    let html = CHAT_HTML
+        .replacen("<html lang=\"en\">", &format!("<html lang=\"en\" data-customer-token=\"{}\" data-demo-account=\"{}\">", escape_html(&token), escape_html(&account)), 1)
+        .replace("{{css_url}}", &format!("{CSS_PATH}?v={v}"))
+        .replace("{{js_url}}", &format!("{JS_PATH}?v={v}"))
+        .replace("{{handoff_message}}", &escape_html(&state.config.grounding.handoff_message));
+    let mut resp = html_response(StatusCode::OK, html);
+    // The token is the customer's: never cached or kept by the browser's history of pages.
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 async fn chat_js(RawQuery(query): RawQuery) -> Response {

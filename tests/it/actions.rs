@@ -194,6 +194,10 @@ mod in_the_turn {
         (v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string(), v["helpline"]["action"].clone())
     }
 
+    pub(super) fn calls_of(b: &Backend) -> Vec<Value> {
+        calls(b)
+    }
+
     fn calls(b: &Backend) -> Vec<Value> {
         let rest = b.url.strip_prefix("http://").unwrap();
         let mut s = TcpStream::connect(rest.trim_end_matches('/')).unwrap();
@@ -388,4 +392,43 @@ mod in_the_turn {
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains("action \"lookup\"") && msg.contains("confirm"), "the action and the field are named: {msg}");
     }
+}
+
+/// The demo, in a real browser: the demo sign-in page carries a signed token for `acct-1001`;
+/// the customer asks for a reset, answers the confirmation, and the backend sends the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_resets_a_password_end_to_end_in_a_browser() {
+    use crate::web_chat::{blocking, console_errors, wait_settled, BROWSER};
+    use crate::webdriver::{ChromeDriver, ENTER};
+    crate::webdriver::require_browser();
+    let _one = BROWSER.lock().await;
+    let b = backend();
+    let mut cfg = helpline::config::ServeConfig::default();
+    cfg.access.customer_token_secret = Some("a-customer-token-secret-for-the-browser-demo".into());
+    cfg.access.demo_accounts = vec!["acct-1001".into()];
+    let server = crate::server_support::start_server(cfg).await;
+    let text = std::fs::read_to_string(crate::support::root().join("docs-corpus/actions.toml")).unwrap();
+    let actions = Actions::parse(&text, &Env(b.url.clone())).unwrap();
+    server.state.set_actions(Some(helpline::turn::act::Runtime::new(actions, "actions.toml".into(), &crate::support::embedder()).unwrap()));
+    assert_eq!(server.get("/demo/sign-in/acct-1002").await.status, 404, "only listed demo accounts sign in");
+    let base = server.base_url.clone();
+    blocking(move || {
+        let driver = ChromeDriver::start();
+        let s = driver.session();
+        s.goto(&format!("{base}/demo/sign-in/acct-1001"));
+        let banner = s.get("[data-testid=\"demo-banner\"]");
+        assert!(s.displayed(&banner) && s.text(&banner).contains("acct-1001"), "the page says it is a demo sign-in");
+        let input = s.get("[data-testid=\"message-input\"]");
+        s.send_keys(&input, &format!("I forgot my password, can you send me a reset link?{ENTER}"));
+        let a = wait_settled(&s, 0, std::time::Duration::from_secs(60)).last;
+        assert!(a["text"].as_str().unwrap().starts_with("Shall I email a password-reset link"), "{a}");
+        s.send_keys(&input, &format!("yes{ENTER}"));
+        let a = wait_settled(&s, 1, std::time::Duration::from_secs(60)).last;
+        assert!(a["text"].as_str().unwrap().starts_with("I've sent a password-reset link to a***@acme.example"), "{a}");
+        assert!(console_errors(&s).is_empty(), "{:?}", console_errors(&s));
+    })
+    .await;
+    let posted: Vec<Value> = in_the_turn::calls_of(&b).into_iter().filter(|c| c["method"] == "POST").collect();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    assert_eq!(posted[0]["path"], "/v1/accounts/acct-1001/password-reset");
 }

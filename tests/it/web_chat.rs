@@ -28,11 +28,11 @@ const REQUIRED_CSP: [&str; 6] =
 
 /// One browser at a time: each is a few hundred MB and a core's worth of start-up. (A tokio
 /// mutex: the guard is held across awaits, and every test has its own runtime.)
-static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs browser steps on a blocking thread (the test server keeps running meanwhile); a failed
 /// assertion in them fails the test with its own message.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(f).await {
         Ok(v) => v,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -202,8 +202,8 @@ fn answer(s: &Session, index: usize) -> Option<Value> {
 }
 
 /// What was seen while answer `index` was in progress, and how it ended.
-struct Observed {
-    last: Value,
+pub struct Observed {
+    pub last: Value,
     /// Streaming with some text already shown (tokens arrive incrementally).
     #[allow(dead_code)]
     saw_partial: bool,
@@ -213,7 +213,7 @@ struct Observed {
 
 /// Polls answer `index` until it settles (`done`, `error` or `stopped`), checking the controls
 /// while it streams.
-fn wait_settled(s: &Session, index: usize, limit: Duration) -> Observed {
+pub fn wait_settled(s: &Session, index: usize, limit: Duration) -> Observed {
     let mut saw_partial = false;
     let mut busy_note = None;
     let last = s.wait_for(limit, &format!("answer {index} to finish"), |s| {
@@ -246,7 +246,7 @@ fn testid_or_tag(s: &Session, el: &webdriver::Element) -> String {
 }
 
 /// Console errors (CSP violations, script errors, failed loads) since the last call.
-fn console_errors(s: &Session) -> Vec<Value> {
+pub fn console_errors(s: &Session) -> Vec<Value> {
     s.console().into_iter().filter(|e| e["level"] == "SEVERE").collect()
 }
 

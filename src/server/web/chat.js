@@ -29,6 +29,15 @@
   let conversationId = null;
   /** The signed customer token the company's site put on the page, if any (verified customers). */
   const customerToken = window.HELPLINE_CUSTOMER_TOKEN || document.documentElement.dataset.customerToken || '';
+  /** A demo sign-in (the server's `demo_accounts`): say so on the page, never silently. */
+  const demoAccount = document.documentElement.dataset.demoAccount || '';
+  if (demoAccount) {
+    const banner = document.getElementById('demo-banner');
+    if (banner) {
+      banner.textContent = `Demo: signed in as the demo account ${demoAccount}. Actions run against the demo Tallyworks backend.`;
+      banner.hidden = false;
+    }
+  }
 
   /** Headers every request of this page sends: the API key and the customer token, when set. */
   function authHeaders(extra) {
