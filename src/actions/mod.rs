@@ -170,6 +170,17 @@ pub enum Claim {
 }
 
 impl Claim {
+    /// The claim's name in the token (`sub`, `account_id`, `attributes.NAME`...).
+    pub fn name(&self) -> String {
+        match self {
+            Claim::Sub => "sub".into(),
+            Claim::AccountId => "account_id".into(),
+            Claim::Plan => "plan".into(),
+            Claim::Locale => "locale".into(),
+            Claim::Attribute(a) => format!("attributes.{a}"),
+        }
+    }
+
     fn parse(s: &str) -> Option<Claim> {
         Some(match s {
             "sub" => Claim::Sub,

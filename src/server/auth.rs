@@ -113,7 +113,7 @@ pub fn is_agent_route(method: &Method, path: &str) -> bool {
     if customer_side {
         return false;
     }
-    ["/v1/conversations", "/v1/customers/", "/v1/assist/", "/v1/kb/", "/v1/answers/", "/v1/deliveries"]
+    ["/v1/conversations", "/v1/customers/", "/v1/assist/", "/v1/kb/", "/v1/answers/", "/v1/deliveries", "/v1/actions"]
         .iter()
         .any(|p| path == p.trim_end_matches('/') || path.starts_with(p))
 }

@@ -3,6 +3,7 @@
 //! `router(state)` builds the whole app (so tests can drive it on a real socket or in-process);
 //! `listen::serve` runs it with header timeouts, size caps and graceful shutdown.
 
+pub mod actions;
 pub mod agent_page;
 pub mod assist;
 pub mod auth;
@@ -273,6 +274,7 @@ pub fn router(state: SharedState) -> Router {
         .merge(knowledge::routes())
         .merge(policy::routes())
         .merge(conversations::routes())
+        .merge(actions::routes())
         .merge(assist::routes())
         .merge(ops::routes())
         .merge(openapi::routes())

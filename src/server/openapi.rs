@@ -9,6 +9,7 @@ use axum::Router;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::actions;
 use super::assist;
 use super::conversations;
 use super::dto;
@@ -61,6 +62,9 @@ answer 403 `csrf_check_failed` (no JSON content type, `Authorization` or `X-Help
         conversations::delete_customer,
         conversations::deliveries,
         conversations::audit,
+        actions::list,
+        actions::taken,
+        actions::run,
         openai::replay,
         assist::draft,
         assist::summarize,

@@ -464,25 +464,59 @@ fn pick(deps: &Deps, a: &Action, arg: &crate::actions::Argument, message: &str, 
     Ok(shown.iter().position(|s| s == answer.trim()).map(|i| candidates[i].clone()))
 }
 
-/// Calls the backend for `action` with `arguments` (unless `dry_run`): the text to show and the
-/// completed report, or the reason to hand off.
-pub async fn call(deps: &Deps, rt: &Runtime, req: &Request, index: usize, arguments: Map<String, Value>, mut info: ActionInfo) -> Result<(String, ActionInfo, Option<String>), TurnError> {
-    let a = &rt.actions.actions[index];
+/// The turn's call: for the verified customer, a dry run on replay.
+pub async fn call(deps: &Deps, rt: &Runtime, req: &Request, index: usize, arguments: Map<String, Value>, info: ActionInfo) -> Result<(String, ActionInfo, Option<String>), TurnError> {
     let customer = acting_for(req).and_then(|c| c.id.clone()).unwrap_or_default();
+    run(deps.observer.as_ref(), &deps.policy.pack.messages.handoff, rt, &customer, req.dry_run_actions, index, arguments, info).await
+}
+
+/// The identity arguments of `action` from a verified customer's claims; `Err` names a claim the
+/// customer lacks.
+pub fn identity_arguments(action: &Action, customer: &Customer) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    for arg in &action.arguments {
+        if let Some(claim) = &arg.from_customer {
+            let v = claim_value(claim, customer).ok_or_else(|| format!("the customer's token has no `{}` for the argument `{}`", claim.name(), arg.name))?;
+            out.insert(arg.name.clone(), v);
+        }
+    }
+    Ok(out)
+}
+
+/// A fresh report for running `action` with `arguments`.
+pub fn report_for(action: &Action, stage: &str, detected_by: &str, arguments: &Map<String, Value>) -> ActionInfo {
+    info(action, stage, detected_by, None, arguments)
+}
+
+/// Calls the backend for `action` with `arguments` (unless `dry_run`), counted against
+/// `customer`'s rate limit: the text to show and the completed report, or also the reason to
+/// hand off. `handoff` is what a failure tells the customer about reaching a person.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    observer: &dyn super::Observer,
+    handoff: &str,
+    rt: &Runtime,
+    customer: &str,
+    dry_run: bool,
+    index: usize,
+    arguments: Map<String, Value>,
+    mut info: ActionInfo,
+) -> Result<(String, ActionInfo, Option<String>), TurnError> {
+    let a = &rt.actions.actions[index];
     let request = a.request(&arguments).map_err(TurnError::Internal)?;
     let mut report = ActionCall { request: request.redacted(), status: None, latency_ms: 0.0, attempts: 0, outcome: String::new(), executed: false };
-    if req.dry_run_actions {
+    if dry_run {
         report.outcome = "not_run".into();
         info.stage = "would_call".into();
         info.call = Some(report);
         return Ok((format!("(replay: `{}` would be called; it was not run)", a.name), info, None));
     }
-    if !rt.admit(&customer, a) {
+    if !rt.admit(customer, a) {
         report.outcome = "rate_limited".into();
         info.stage = "refused".into();
         info.reason = Some("rate_limited".into());
         info.call = Some(report);
-        deps.observer.action_call(&a.name, "rate_limited", 0.0);
+        observer.action_call(&a.name, "rate_limited", 0.0);
         return Ok((RATE_LIMITED_TEXT.into(), info, None));
     }
     let started = Instant::now();
@@ -529,16 +563,16 @@ pub async fn call(deps: &Deps, rt: &Runtime, req: &Request, index: usize, argume
             report.outcome = "ok".into();
             info.stage = "done".into();
             info.call = Some(report);
-            deps.observer.action_call(&a.name, "ok", secs);
+            observer.action_call(&a.name, "ok", secs);
             Ok((text, info, None))
         }
         Err((code, why)) => {
-            deps.observer.action_call(&a.name, &code, secs);
+            observer.action_call(&a.name, &code, secs);
             report.outcome = code.clone();
             info.stage = "failed".into();
             info.reason = Some(code.clone());
             info.call = Some(report);
-            let text = format!("I couldn't do that just now: {why}. {}", deps.policy.pack.messages.handoff);
+            let text = format!("I couldn't do that just now: {why}. {}", handoff);
             Ok((text, info, Some(format!("action_failed:{}:{code}", a.name))))
         }
     }

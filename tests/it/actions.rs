@@ -283,6 +283,31 @@ mod in_the_turn {
         assert!(metrics.contains("helpline_action_calls_total{action=\"send_password_reset\",outcome=\"ok\"} 1"), "{metrics}");
         assert!(metrics.contains("helpline_action_confirmations_total{event=\"asked\"} 1"), "{metrics}");
         assert!(metrics.contains("helpline_action_confirmations_total{event=\"given\"} 1"), "{metrics}");
+
+        // The agent console: the declared actions, those taken here, and running one for the
+        // conversation's verified customer (identity from the conversation, never the request).
+        let declared = server.agent_get("/v1/actions").await.json();
+        assert_eq!(declared["actions"].as_array().unwrap().len(), 5, "{declared}");
+        let taken = server.agent_get("/v1/conversations/conv-reset/actions").await.json();
+        let stages: Vec<&str> = taken["actions"].as_array().unwrap().iter().map(|a| a["action"]["stage"].as_str().unwrap()).collect();
+        assert_eq!(stages, ["confirmation_asked", "done"], "{taken}");
+        let r = server.agent_post_json("/v1/conversations/conv-reset/actions/lockout_status", &json!({})).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["action"]["detected_by"], "agent");
+        let r = server.agent_post_json("/v1/conversations/conv-reset/actions/lockout_status", &json!({"arguments": {"account_id": "acct-1002"}})).await;
+        assert_eq!((r.status, r.json()["error"]["param"].as_str()), (422, Some("arguments.account_id")), "{}", r.text());
+        let r = server.agent_post_json("/v1/conversations/conv-reset/actions/change_billing_email", &json!({"arguments": {"email": "ops@acme.example"}})).await;
+        assert_eq!((r.status, r.json()["error"]["param"].as_str()), (422, Some("confirm")), "a write needs the agent's confirm: {}", r.text());
+        let r = server.agent_post_json("/v1/conversations/conv-reset/actions/change_billing_email", &json!({"arguments": {"email": "ops@acme.example"}, "confirm": true})).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["text"], "Done: invoices and billing notices now go to ops@acme.example.");
+        let anon = say(&server, None, "conv-anon-agent", "hello").await;
+        assert_eq!(anon.status, 200);
+        let r = server.agent_post_json("/v1/conversations/conv-anon-agent/actions/lockout_status", &json!({})).await;
+        assert_eq!((r.status, r.json()["error"]["code"].as_str()), (409, Some("customer_not_verified")), "{}", r.text());
+        let taken = server.agent_get("/v1/conversations/conv-reset/actions").await.json();
+        assert_eq!(taken["actions"].as_array().unwrap().iter().filter(|a| a["by"] == "agent").count(), 2, "{taken}");
+        assert!(calls(&b).iter().all(|c| !c["path"].as_str().unwrap().contains("acct-1002")));
     }
 
     /// A write declined leaves the backend as it was; an address the customer gives is the one
