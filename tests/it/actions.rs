@@ -451,9 +451,40 @@ async fn the_chat_page_resets_a_password_end_to_end_in_a_browser() {
         let a = wait_settled(&s, 1, std::time::Duration::from_secs(60)).last;
         assert!(a["text"].as_str().unwrap().starts_with("I've sent a password-reset link to a***@acme.example"), "{a}");
         assert!(console_errors(&s).is_empty(), "{:?}", console_errors(&s));
+
+        // The agent console: the actions taken in the conversation, and running one for the customer.
+        s.goto(&format!("{base}/agent"));
+        let key = s.get("#agent-key");
+        s.send_keys(&key, &format!("{}{ENTER}", crate::server_support::AGENT_KEY));
+        s.execute("const f = document.getElementById('queue-filter'); f.value = ''; f.dispatchEvent(new Event('change'));", json!([]));
+        let item = s.wait_for(std::time::Duration::from_secs(20), "the conversation in the queue", |s| s.find("[data-testid=\"queue-item\"]"));
+        s.click(&item);
+        let stages = s.wait_for(std::time::Duration::from_secs(20), "the actions taken", |s| {
+            let v = s.execute("return [...document.querySelectorAll('[data-testid=turn-action] [data-testid=action-stage]')].map(e => e.textContent);", json!([]));
+            (v.as_array().map(|a| a.len()) == Some(2)).then_some(v)
+        });
+        assert_eq!(stages, json!(["confirmation_asked", "done"]));
+        s.wait_for(std::time::Duration::from_secs(20), "the action form", |s| s.find("#action-form:not([hidden])"));
+        s.execute("document.getElementById('action-name').value = 'lockout_status';", json!([]));
+        s.click(&s.get("[data-testid=\"action-run\"]"));
+        let result = s.wait_for(std::time::Duration::from_secs(20), "the action's result", |s| {
+            let t = s.execute("return document.getElementById('action-result').textContent;", json!([]));
+            t.as_str().filter(|t| !t.is_empty()).map(str::to_string)
+        });
+        assert!(result.starts_with("done: "), "{result}");
+        // A write without the agent's confirmation is refused, and nothing runs.
+        s.execute("document.getElementById('action-name').value = 'change_billing_email'; document.getElementById('action-args').value = '{\"email\": \"ops@acme.example\"}';", json!([]));
+        s.click(&s.get("[data-testid=\"action-run\"]"));
+        let err = s.wait_for(std::time::Duration::from_secs(20), "the refusal", |s| {
+            let t = s.execute("const e = document.getElementById('error'); return e.hidden ? '' : document.getElementById('error-text').textContent;", json!([]));
+            t.as_str().filter(|t| !t.is_empty()).map(str::to_string)
+        });
+        assert!(err.contains("confirm"), "{err}");
     })
     .await;
-    let posted: Vec<Value> = in_the_turn::calls_of(&b).into_iter().filter(|c| c["method"] == "POST").collect();
-    assert_eq!(posted.len(), 1, "{posted:?}");
+    let all = in_the_turn::calls_of(&b);
+    let posted: Vec<&Value> = all.iter().filter(|c| c["method"] == "POST").collect();
+    assert_eq!(posted.len(), 1, "the reset only: {posted:?}");
+    assert!(all.iter().any(|c| c["path"] == "/v1/accounts/acct-1001/lockout"), "the agent's lookup ran: {all:?}");
     assert_eq!(posted[0]["path"], "/v1/accounts/acct-1001/password-reset");
 }

@@ -11,6 +11,12 @@
 
   const $ = (id) => document.getElementById(id);
   const ui = {
+    actionForm: $('action-form'),
+    actionName: $('action-name'),
+    actionArgs: $('action-args'),
+    actionConfirm: $('action-confirm'),
+    actionRun: $('action-run'),
+    actionResult: $('action-result'),
     keyForm: $('key-form'),
     keyInput: $('agent-key'),
     keyState: $('key-state'),
@@ -411,6 +417,69 @@
     return el('p', { class: 'grounding', 'data-testid': 'grounding' }, `Grounding: ${text(g.status)}${n ? ` (${n} passage${n === 1 ? '' : 's'})` : ''}`);
   }
 
+  /** What a turn did about a declared action: name, stage, the call's outcome. */
+  function actionLine(raw) {
+    if (!raw || typeof raw !== 'object') return null;
+    const a = obj(raw);
+    const call = a.call ? obj(a.call) : null;
+    const parts = [el('strong', {}, 'Action: '), el('span', { 'data-testid': 'action-name' }, text(a.name)), ` (${text(a.effect)}, by ${text(a.detected_by)})`];
+    parts.push(' · ', el('span', { 'data-testid': 'action-stage' }, text(a.stage)));
+    if (a.reason) parts.push(` · reason: ${text(a.reason)}`);
+    if (call) {
+      parts.push(` · ${text(call.outcome)}`);
+      if (call.status) parts.push(` (HTTP ${text(call.status)})`);
+      parts.push(` in ${Math.round(Number(call.latency_ms) || 0)} ms`);
+    }
+    return el('p', { class: 'guard', 'data-testid': 'turn-action' }, ...parts);
+  }
+
+  /** The declared actions (none declared: the form stays hidden). */
+  let declared = [];
+  function loadActions() {
+    return perform(
+      'Loading the actions',
+      async () => {
+        try {
+          declared = list(obj(await api('GET', '/v1/actions')).actions).map(obj);
+        } catch (err) {
+          if (err instanceof ApiFailure && err.status === 404) {
+            declared = [];
+          } else {
+            throw err;
+          }
+        }
+        ui.actionName.replaceChildren(...declared.map((a) => el('option', { value: text(a.name) }, `${text(a.name)} (${text(a.effect)})`)));
+        ui.actionForm.hidden = declared.length === 0;
+      },
+      { quiet: true },
+    );
+  }
+
+  function runAction() {
+    if (!requireConversation()) return;
+    let args;
+    try {
+      args = JSON.parse(ui.actionArgs.value || '{}');
+      if (!args || typeof args !== 'object' || Array.isArray(args)) throw new Error('not an object');
+    } catch {
+      say('The arguments must be a JSON object, e.g. {"email": "ap@example.com"}.');
+      ui.actionArgs.focus();
+      return;
+    }
+    const id = current.id;
+    const name = ui.actionName.value;
+    perform(
+      'Running the action',
+      async () => {
+        const r = obj(await api('POST', `/v1/conversations/${encodeURIComponent(id)}/actions/${encodeURIComponent(name)}`, { arguments: args, confirm: ui.actionConfirm.checked }));
+        ui.actionResult.textContent = `${text(obj(r.action).stage)}: ${text(r.text)}`;
+        ui.actionConfirm.checked = false;
+        await openConversation(id, { quiet: true });
+      },
+      { button: ui.actionRun },
+    );
+  }
+
   function turnItem(raw) {
     const t = obj(raw);
     const detail = obj(t.detail);
@@ -427,6 +496,7 @@
       el('p', { class: 'text', 'data-testid': 'turn-text' }, text(t.content)),
       sources(detail.citations, 'turn-citation'),
       guardLine(detail.guard),
+      actionLine(detail.action),
       groundingLine(detail.grounding),
       fb ? el('p', { class: 'feedback' }, `Feedback: ${feedbackText(fb)}`) : null,
     );
@@ -771,6 +841,7 @@
     startTimer();
     refreshQueue();
     refreshDrafts({ quiet: true });
+    loadActions();
   }
 
   ui.keyForm.addEventListener('submit', (e) => {
@@ -812,6 +883,10 @@
   ui.errorDismiss.addEventListener('click', () => {
     hideError();
     say('');
+  });
+  ui.actionForm.addEventListener('submit', (e) => {
+    e.preventDefault();
+    runAction();
   });
   ui.queueRefresh.addEventListener('click', () => refreshQueue());
   ui.queueMore.addEventListener('click', loadMore);
