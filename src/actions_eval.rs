@@ -100,6 +100,7 @@ pub async fn run(deps: &Deps, cases: &[Case]) -> Result<Vec<Outcome>, String> {
             audit_request: Value::Null,
             for_agent: false,
             dry_run_actions: true,
+            tools: None,
         };
         let started = std::time::Instant::now();
         let f = turn::run(deps, req).await.map_err(|e| format!("{}: {e}", case.id))?.collect().await.map_err(|e| format!("{}: {e}", case.id))?;

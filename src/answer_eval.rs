@@ -158,6 +158,7 @@ pub async fn run(deps: &Deps, cases: &[Case], mode: Mode, flagger: Option<&Match
             audit_request: Value::Null,
             for_agent: false,
             dry_run_actions: false,
+            tools: None,
         };
         let started = std::time::Instant::now();
         let f = turn::run(deps, req).await.map_err(|e| format!("{}: {e}", case.id))?.collect().await.map_err(|e| format!("{}: {e}", case.id))?;

@@ -585,6 +585,7 @@ async fn ask_turn(deps: &crate::turn::Deps, gen: &GenArgs, t: &TurnArgs, message
         audit_request: serde_json::Value::Null,
         for_agent: false,
         dry_run_actions: false,
+        tools: None,
     };
     let mut answer = crate::turn::run(deps, req).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut out = std::io::stdout().lock();

@@ -583,6 +583,7 @@ async fn draft_turn(deps: &crate::turn::Deps, messages: Vec<ChatMessage>) -> Res
         audit_request: Value::Null,
         for_agent: true,
         dry_run_actions: false,
+        tools: None,
     };
     Ok(crate::turn::run(deps, req).await?.collect().await?)
 }

@@ -94,7 +94,66 @@ generation_request! {
         /// The conversation, oldest first. At least one message.
         #[schema(value_type = Vec<ChatMessageIn>, required = true, min_items = 1)]
         pub messages: Option<Vec<ChatMessageIn>>,
+        /// Functions the model may call (`{"type": "function", "function": {name, description,
+        /// parameters}}`), at most 32. Needs grounding off (`helpline.grounding: false`). Calls are
+        /// forced valid against each function's `parameters` while decoding (docs/tools.md).
+        pub tools: Option<Vec<ToolIn>>,
+        /// `"none"`, `"auto"` (the default with tools), `"required"`, or
+        /// `{"type": "function", "function": {"name": ...}}`. Always honoured.
+        #[schema(value_type = Option<Object>)]
+        pub tool_choice: Option<serde_json::Value>,
+        /// Several calls in one answer (default true).
+        pub parallel_tool_calls: Option<bool>,
     }
+}
+
+/// A tool of a chat request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ToolIn {
+    /// Only `"function"`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: Option<FunctionIn>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct FunctionIn {
+    /// 1 to 64 of a-z A-Z 0-9 _ -.
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// JSON schema of the arguments (an object); none: no arguments.
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted; arguments are always forced valid.
+    pub strict: Option<bool>,
+}
+
+/// A tool call, in an assistant message of the history or of an answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ToolCallIo {
+    pub id: Option<String>,
+    /// `"function"`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: Option<FunctionCallIo>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct FunctionCallIo {
+    pub name: Option<String>,
+    /// The arguments as JSON text.
+    pub arguments: Option<String>,
+}
+
+/// A tool call delta of a streamed answer: `index` says which call it continues.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub function: FunctionCallIo,
 }
 
 generation_request! {
@@ -276,6 +335,8 @@ pub enum Role {
     Developer,
     User,
     Assistant,
+    /// A tool's result (`tool_call_id` names the call).
+    Tool,
 }
 
 impl Role {
@@ -284,6 +345,7 @@ impl Role {
             Role::System | Role::Developer => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -293,6 +355,14 @@ pub struct ChatMessageIn {
     pub role: Role,
     /// Text, or an array of text parts (joined with newlines). Only `assistant` messages may omit it.
     pub content: Option<MessageContent>,
+    /// An assistant message's tool calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallIo>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -413,6 +483,9 @@ pub struct AssistantMessage {
     /// the same text is in `content` for clients that only read that (except structured outputs,
     /// see `content`). Otherwise null.
     pub refusal: Option<String>,
+    /// The calls the model made (`finish_reason: "tool_calls"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallIo>>,
 }
 
 /// One server-sent event of a streaming chat completion.
@@ -454,6 +527,8 @@ pub struct ChatDelta {
     /// The refusal text, once, when the policy pack made the bot refuse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// Answer of `POST /v1/completions`; streaming sends the same shape per event (with

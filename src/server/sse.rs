@@ -65,6 +65,7 @@ impl Meta {
             role: AssistantRole::Assistant,
             content: (!f.content_null).then(|| f.text.clone()),
             refusal: f.refusal.clone(),
+            tool_calls: (!f.tool_calls.is_empty()).then(|| f.tool_calls.iter().map(call_out).collect()),
         };
         Json(ChatCompletion {
             id: self.id.clone(),
@@ -129,7 +130,7 @@ impl Meta {
     fn opening(&self) -> Option<SseEvent> {
         match self.flavor {
             Flavor::Chat => {
-                let delta = ChatDelta { role: Some(AssistantRole::Assistant), content: Some(String::new()), refusal: None };
+                let delta = ChatDelta { role: Some(AssistantRole::Assistant), content: Some(String::new()), refusal: None, tool_calls: None };
                 Some(json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None)))
             }
             Flavor::Text => None,
@@ -139,7 +140,7 @@ impl Meta {
     fn content(&self, text: String) -> SseEvent {
         match self.flavor {
             Flavor::Chat => {
-                let delta = ChatDelta { role: None, content: Some(text), refusal: None };
+                let delta = ChatDelta { role: None, content: Some(text), refusal: None, tool_calls: None };
                 json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None))
             }
             Flavor::Text => json_event(&self.text_chunk(vec![text_choice(text, None)], None, None)),
@@ -154,9 +155,20 @@ impl Meta {
         }
     }
 
+    /// A call as two deltas of its index: the id, type and name, then the arguments.
+    fn tool_call(&self, index: usize, call: &crate::turn::tools::ToolCall) -> [SseEvent; 2] {
+        use super::dto::{FunctionCallIo, ToolCallDelta};
+        let head = ToolCallDelta { index, id: Some(call.id.clone()), kind: Some("function".into()), function: FunctionCallIo { name: Some(call.name.clone()), arguments: Some(String::new()) } };
+        let args = ToolCallDelta { index, id: None, kind: None, function: FunctionCallIo { name: None, arguments: Some(call.arguments.clone()) } };
+        [head, args].map(|d| {
+            let delta = ChatDelta { role: None, content: None, refusal: None, tool_calls: Some(vec![d]) };
+            json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None))
+        })
+    }
+
     /// The refusal text as its own delta (OpenAI's `delta.refusal`).
     fn refusal(&self, text: String) -> SseEvent {
-        let delta = ChatDelta { role: None, content: None, refusal: Some(text) };
+        let delta = ChatDelta { role: None, content: None, refusal: Some(text), tool_calls: None };
         json_event(&self.chat_chunk(vec![chat_choice(delta, None)], None, None))
     }
 
@@ -171,6 +183,14 @@ impl Meta {
 /// The `helpline` object of an answer that is neither grounded nor guarded (text completions).
 pub fn plain_info(timings: &Timings) -> HelplineInfo {
     HelplineInfo { timings: TimingsOut::from(timings), grounding: None, citations: None, handoff: None, guard: None, action: None, conversation_id: None, answer_id: None }
+}
+
+fn call_out(c: &crate::turn::tools::ToolCall) -> super::dto::ToolCallIo {
+    super::dto::ToolCallIo {
+        id: Some(c.id.clone()),
+        kind: Some("function".into()),
+        function: Some(super::dto::FunctionCallIo { name: Some(c.name.clone()), arguments: Some(c.arguments.clone()) }),
+    }
 }
 
 fn chat_choice(delta: ChatDelta, finish_reason: Option<FinishReason>) -> ChatChunkChoice {
@@ -226,6 +246,9 @@ pub fn chat_stream(answer: Answer, meta: Meta, keep_alive: Duration) -> Response
             match answer.events.next().await {
                 Some(TurnEvent::Text(t)) => pending.push_back(meta.content(t)),
                 Some(TurnEvent::Done(f)) => {
+                    for (i, call) in f.tool_calls.iter().enumerate() {
+                        pending.extend(meta.tool_call(i, call));
+                    }
                     if let Some(r) = &f.refusal {
                         pending.push_back(meta.refusal(r.clone()));
                     }

@@ -71,7 +71,17 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded, cal
     let ext = req.helpline.clone().unwrap_or_default();
     customer_may(req, &ext, cfg, caller, sampling.structure.as_ref())?;
     let grounded = ext.grounding.unwrap_or(cfg.grounding.enabled);
-    let structured = sampling.structure.as_ref().map(|s| compile_structure(s, cfg, loaded)).transpose()?;
+    let tools = tools(req, grounded)?;
+    let active = tools.as_ref().filter(|t| t.active());
+    if active.is_some() && sampling.structure.is_some() {
+        let mut e = ApiError::invalid_field("response_format", "tools and a structured output cannot be combined: the answer is either calls or the structure");
+        e.param = Some(sampling.structure.as_ref().map(|s| s.param).unwrap_or("response_format").to_string());
+        return Err(e);
+    }
+    let structured = match active {
+        Some(t) => Some(compile_structure(&StructureSpec { constraint: Constraint::Lark(t.grammar()), param: "tools", kind: "tools" }, cfg, loaded)?),
+        None => sampling.structure.as_ref().map(|s| compile_structure(s, cfg, loaded)).transpose()?,
+    };
     let mode = answer_mode(&ext, grounded, structured.is_some(), cfg)?;
     let grounding = if grounded {
         if messages.last().map(|m| m.role.as_str()) != Some("user") {
@@ -100,8 +110,75 @@ pub fn chat(req: &ChatCompletionRequest, cfg: &ServeConfig, loaded: &Loaded, cal
         audit_request: serde_json::to_value(req).unwrap_or_default(),
         for_agent: false,
         dry_run_actions: false,
+        tools: tools.map(std::sync::Arc::new),
     };
     Ok(ValidChat { turn, stream: sampling.stream, include_usage: sampling.include_usage })
+}
+
+/// The most tools one request may declare.
+pub const MAX_TOOLS: usize = 32;
+
+/// `tools`, `tool_choice` and `parallel_tool_calls`, checked: each tool a function with a valid,
+/// unique name and an object schema; the choice one of the four forms, naming a declared function.
+fn tools(req: &ChatCompletionRequest, grounded: bool) -> Result<Option<crate::turn::tools::ToolSpec>, ApiError> {
+    use crate::turn::tools::{Choice, Function, ToolSpec};
+    let Some(list) = &req.tools else {
+        if let Some(c) = &req.tool_choice {
+            if c.as_str() != Some("none") {
+                return Err(ApiError::invalid_field("tool_choice", "`tool_choice` needs `tools`"));
+            }
+        }
+        return Ok(None);
+    };
+    if grounded {
+        return Err(ApiError::invalid_field("tools", "tools are for ungrounded chat: send `helpline.grounding: false` with them (grounded answers come from the docs, not from calls)"));
+    }
+    if list.is_empty() || list.len() > MAX_TOOLS {
+        return Err(ApiError::invalid_field("tools", format!("`tools` must hold 1 to {MAX_TOOLS} functions (got {})", list.len())));
+    }
+    let mut functions: Vec<Function> = Vec::new();
+    for (i, t) in list.iter().enumerate() {
+        let at = |f: &str| format!("tools[{i}].{f}");
+        if t.kind.as_deref().is_some_and(|k| k != "function") {
+            return Err(ApiError::invalid_field(&at("type"), format!("`{}` must be \"function\"", at("type"))));
+        }
+        let f = t.function.as_ref().ok_or_else(|| ApiError::invalid_field(&at("function"), format!("`{}` is required", at("function"))))?;
+        let name = f.name.clone().unwrap_or_default();
+        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(ApiError::invalid_field(&at("function.name"), format!("`{}` must be 1 to 64 of a-z A-Z 0-9 _ -", at("function.name"))));
+        }
+        if functions.iter().any(|x| x.name == name) {
+            return Err(ApiError::invalid_field(&at("function.name"), format!("`{name}` is declared twice")));
+        }
+        let description = f.description.clone().unwrap_or_default();
+        if description.chars().count() > 2000 {
+            return Err(ApiError::invalid_field(&at("function.description"), format!("`{}` has more than 2000 characters", at("function.description"))));
+        }
+        let parameters = f.parameters.clone().unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
+        let is_object = parameters.as_object().is_some_and(|m| m.get("type").is_none_or(|t| t == "object"));
+        if !is_object {
+            return Err(ApiError::invalid_field(&at("function.parameters"), format!("`{}` must be a JSON schema of an object", at("function.parameters"))));
+        }
+        functions.push(Function { name, description, parameters });
+    }
+    let choice = match &req.tool_choice {
+        None => Choice::Auto,
+        Some(serde_json::Value::String(s)) => match s.as_str() {
+            "none" => Choice::None,
+            "auto" => Choice::Auto,
+            "required" => Choice::Required,
+            other => return Err(ApiError::invalid_field("tool_choice", format!("`tool_choice` must be \"none\", \"auto\", \"required\" or a named function (got {other:?})"))),
+        },
+        Some(v) => {
+            let name = v.get("function").and_then(|f| f.get("name")).and_then(serde_json::Value::as_str);
+            match (v.get("type").and_then(serde_json::Value::as_str), name) {
+                (Some("function"), Some(n)) if functions.iter().any(|f| f.name == n) => Choice::Named(n.to_string()),
+                (Some("function"), Some(n)) => return Err(ApiError::invalid_field("tool_choice.function.name", format!("`{n}` is not one of the declared tools"))),
+                _ => return Err(ApiError::invalid_field("tool_choice", "a named `tool_choice` is {\"type\": \"function\", \"function\": {\"name\": ...}}")),
+            }
+        }
+    };
+    Ok(Some(ToolSpec { functions, choice, parallel: req.parallel_tool_calls.unwrap_or(true) }))
 }
 
 /// The request fields a customer may use only when the operator allows it (agents and admins may
@@ -144,7 +221,9 @@ fn customer_may(
     // begin (an assistant prefix would be the customer writing the bot's answer).
     let msgs = req.messages.as_deref().unwrap_or_default();
     if let Some((i, last)) = msgs.iter().enumerate().last() {
-        if last.role != Role::User {
+        // A tool's result answering the model's call is the client's data too.
+        let tool_result = last.role == Role::Tool && req.tools.is_some();
+        if last.role != Role::User && !tool_result {
             return Err(ApiError::invalid_field(
                 "messages",
                 format!("the last message must be the customer's (role `user`); messages[{i}] is `{}`", last.role.template_name()),
@@ -631,9 +710,50 @@ pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, Api
                     return Err(ApiError::invalid_field(&field, format!("`{field}` is required")));
                 }
             };
+            let content = tool_parts(messages, i, m, content)?;
             Ok(ChatMessage { role: m.role.template_name().to_string(), content })
         })
         .collect()
+}
+
+/// An assistant message's earlier calls and a tool message's result, in the generic tool format
+/// the model reads them in (docs/tools.md).
+fn tool_parts(messages: &[ChatMessageIn], i: usize, m: &ChatMessageIn, mut content: String) -> Result<String, ApiError> {
+    use crate::turn::tools::{render_call, render_result};
+    if let Some(calls) = &m.tool_calls {
+        if m.role != Role::Assistant {
+            return Err(ApiError::invalid_field(&format!("messages[{i}].tool_calls"), "only an assistant message has `tool_calls`"));
+        }
+        for (j, c) in calls.iter().enumerate() {
+            let f = c.function.as_ref().ok_or_else(|| ApiError::invalid_field(&format!("messages[{i}].tool_calls[{j}].function"), "`function` is required"))?;
+            let name = f.name.as_deref().ok_or_else(|| ApiError::invalid_field(&format!("messages[{i}].tool_calls[{j}].function.name"), "`name` is required"))?;
+            let args = f.arguments.as_deref().unwrap_or("{}");
+            if serde_json::from_str::<serde_json::Value>(args).is_err() {
+                return Err(ApiError::invalid_field(&format!("messages[{i}].tool_calls[{j}].function.arguments"), "`arguments` must be JSON text"));
+            }
+            if !content.is_empty() {
+                content.push('\n');
+            }
+            content.push_str(&render_call(name, args));
+        }
+    }
+    if m.role == Role::Tool {
+        let id = m.tool_call_id.as_deref().ok_or_else(|| ApiError::invalid_field(&format!("messages[{i}].tool_call_id"), "a `tool` message names the call it answers in `tool_call_id`"))?;
+        // The call's function, from the assistant message that made it.
+        let name = messages[..i]
+            .iter()
+            .rev()
+            .filter_map(|p| p.tool_calls.as_ref())
+            .flatten()
+            .find(|c| c.id.as_deref() == Some(id))
+            .and_then(|c| c.function.as_ref()?.name.clone())
+            .or_else(|| m.name.clone());
+        if name.is_none() {
+            return Err(ApiError::invalid_field(&format!("messages[{i}].tool_call_id"), format!("no earlier assistant message made the call `{id}`")));
+        }
+        content = render_result(name.as_deref(), &content);
+    }
+    Ok(content)
 }
 
 /// Token ids from a request: each in `[0, vocab_size)`, else 422 naming `field`.

@@ -19,6 +19,7 @@ pub mod handoff;
 pub mod precheck;
 pub mod record;
 pub mod report;
+pub mod tools;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -216,6 +217,9 @@ pub struct Request {
     pub for_agent: bool,
     /// Replay: an action is reported as it would be called, never called.
     pub dry_run_actions: bool,
+    /// OpenAI tool calling (ungrounded chat): the functions, `tool_choice` and whether calls may
+    /// be parallel. When active, `structured` holds the grammar that forces the calls.
+    pub tools: Option<Arc<tools::ToolSpec>>,
 }
 
 impl Request {
@@ -261,6 +265,8 @@ pub struct Finished {
     pub refusal: Option<String>,
     /// A structured output the bot did not give: `content` is null (so that, when present, it parses).
     pub content_null: bool,
+    /// Tool calls the model made (then `reason` is `tool_calls` and `content` is null).
+    pub tool_calls: Vec<tools::ToolCall>,
 }
 
 impl Answer {
@@ -834,7 +840,18 @@ fn decision(deps: &Deps, req: &Request, d: crate::guard::escalation::DecisionFir
 fn ungrounded(deps: &Deps, req: &Request) -> Result<Plan, TurnError> {
     deps.observer.grounding("off");
     let policy = &deps.policy;
-    let mut job = job_for(deps, &req.messages, &req.sampling)?;
+    let mut job = match req.tools.as_ref().filter(|t| t.active()) {
+        // The functions and the call format, ahead of the client's own system text.
+        Some(t) => {
+            let mut messages = req.messages.clone();
+            match messages.first_mut().filter(|m| m.role == "system") {
+                Some(first) => first.content = format!("{}\n{}", t.system_text(), first.content),
+                None => messages.insert(0, ChatMessage { role: "system".into(), content: t.system_text() }),
+            }
+            job_for(deps, &messages, &req.sampling)?
+        }
+        None => job_for(deps, &req.messages, &req.sampling)?,
+    };
     let mut guard = guard_info(policy, GuardAction::None, Vec::new(), None);
     let structured = attach_guard(deps, req, &mut job, &mut guard, 0, None)?;
     let mut info = grounding_info(GroundingStatus::Off);
@@ -1064,7 +1081,7 @@ async fn answer_fixed(deps: &Deps, req: &Request, conversation: Option<Conversat
     }
     let mut info = helpline_info(f.grounding, f.citations, f.handoff, f.guard, &Timings::default(), rec.as_ref());
     info.action = f.action;
-    let finished = Finished { text: f.text.clone(), reason: f.finish, info, usage, refusal, content_null };
+    let finished = Finished { text: f.text.clone(), reason: f.finish, info, usage, refusal, content_null, tool_calls: Vec::new() };
     let mut events: Vec<TurnEvent> = if content_null { Vec::new() } else { compose::pieces(&f.text).into_iter().map(TurnEvent::Text).collect() };
     events.push(TurnEvent::Done(Box::new(finished)));
     Ok(Answer {
@@ -1135,6 +1152,8 @@ async fn answer_generated(deps: &Deps, req: &Request, conversation: Option<Conve
         given: g.given,
         structured: g.structured,
         refusal_text: g.refusal_text,
+        tools: req.tools.clone().filter(|t| t.active()),
+        call_prefix: format!("{:x}", crate::store::now_ms()),
     };
     let conversation_id = state.recorder.as_ref().map(|r| r.conversation.id.clone());
     let answer_id = state.recorder.as_ref().map(|r| r.answer_id.clone());
@@ -1182,6 +1201,10 @@ struct Streaming {
     given: Vec<Passage>,
     structured: Option<StructureInfo>,
     refusal_text: String,
+    /// Tool calling: the answer's calls are parsed from the raw text at the end.
+    tools: Option<Arc<tools::ToolSpec>>,
+    /// Ids of calls when the answer is not stored.
+    call_prefix: String,
 }
 
 impl Streaming {
@@ -1249,6 +1272,7 @@ impl Streaming {
         let mut refusal = None;
         let mut content_null = false;
         let mut citations = None;
+        let mut tool_calls = Vec::new();
         if self.structured.is_some() {
             // Structured: the client's text, checked whole; a commitment in any of its strings
             // ends it as a refusal instead.
@@ -1263,6 +1287,15 @@ impl Streaming {
                     guard.reason = Some("commitment".into());
                     guard.rules.push("commitment-by-meaning".into());
                 }
+            } else if let Some(calls) = self.tools.as_ref().map(|t| t.parse(&raw, self.recorder.as_ref().map(|r| r.answer_id.as_str()).unwrap_or(&self.call_prefix))).filter(|c| !c.is_empty()) {
+                // Calls, not content: stored as the model wrote them, sent as `tool_calls`.
+                reason = FinishReason::ToolCalls;
+                content_null = true;
+                self.sent = raw.clone();
+                if let Some(r) = self.recorder.as_mut() {
+                    r.push(&raw);
+                }
+                tool_calls = calls;
             } else {
                 self.send(raw);
             }
@@ -1332,7 +1365,7 @@ impl Streaming {
                 return;
             }
         }
-        let finished = Finished { text: self.sent.clone(), reason, info, usage, refusal, content_null };
+        let finished = Finished { text: self.sent.clone(), reason, info, usage, refusal, content_null, tool_calls };
         self.pending.push_back(TurnEvent::Done(Box::new(finished)));
     }
 

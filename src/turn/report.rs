@@ -191,6 +191,8 @@ pub enum FinishReason {
     Length,
     /// The policy pack made the bot refuse (an out-of-scope topic); the text is also in `refusal`.
     ContentFilter,
+    /// The model called tools (`message.tool_calls`).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -199,6 +201,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::ContentFilter => "content_filter",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }

@@ -488,3 +488,42 @@ async fn the_chat_page_resets_a_password_end_to_end_in_a_browser() {
     assert!(all.iter().any(|c| c["path"] == "/v1/accounts/acct-1001/lockout"), "the agent's lookup ran: {all:?}");
     assert_eq!(posted[0]["path"], "/v1/accounts/acct-1001/password-reset");
 }
+
+/// Tool-calling requests are checked field by field: tools need grounding off, names are valid
+/// and unique, `tool_choice` names a declared function, a tool result names an earlier call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_requests_are_validated_field_by_field() {
+    let server = crate::server_support::start_server(helpline::config::ServeConfig::default()).await;
+    let tool = |name: &str| {
+        json!({"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {"q": {"type": "string", "maxLength": 20}}, "required": ["q"], "additionalProperties": false}}})
+    };
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (json!({"messages": user, "tools": [tool("a")]}), "tools"),
+        (json!({"messages": user, "tools": [tool("a")], "helpline": {"grounding": false}, "tool_choice": {"type": "function", "function": {"name": "b"}}}), "tool_choice.function.name"),
+        (json!({"messages": user, "tools": [tool("a"), tool("a")], "helpline": {"grounding": false}}), "tools[1].function.name"),
+        (json!({"messages": user, "tools": [tool("bad name")], "helpline": {"grounding": false}}), "tools[0].function.name"),
+        (json!({"messages": user, "tools": [tool("a")], "helpline": {"grounding": false}, "tool_choice": "sometimes"}), "tool_choice"),
+        (json!({"messages": user, "tool_choice": "required"}), "tool_choice"),
+        (json!({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_x", "content": "{}"}], "tools": [tool("a")], "helpline": {"grounding": false}}), "messages[1].tool_call_id"),
+    ];
+    for (body, param) in cases {
+        let r = server.agent_post_json("/v1/chat/completions", &body).await;
+        assert_eq!(r.status, 422, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{body}: {}", r.text());
+    }
+    // Named: the call is that function's, with arguments valid for its schema.
+    let body = json!({"messages": user, "tools": [tool("a"), tool("b")], "helpline": {"grounding": false}, "tool_choice": {"type": "function", "function": {"name": "b"}}, "parallel_tool_calls": false, "temperature": 0});
+    let r = server.agent_post_json("/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{v}");
+    assert_eq!(calls[0]["function"]["name"], "b");
+    let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    let keys: Vec<&String> = args.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["q"], "{args}");
+    assert!(args["q"].as_str().is_some_and(|q| q.chars().count() <= 20), "{args}");
+    assert!(v["choices"][0]["message"]["content"].is_null(), "{v}");
+}

@@ -30,6 +30,7 @@ fn request(mode: Mode, messages: Vec<ChatMessage>) -> turn::Request {
         audit_request: Value::Null,
         for_agent: false,
         dry_run_actions: false,
+        tools: None,
     }
 }
 

@@ -815,6 +815,30 @@ fn openai_python_client_against_binary() {
     assert_eq!(bin.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", bin.stderr());
 }
 
+/// OpenAI tool calling with the official `openai` package against the real binary: every
+/// `tool_choice`, streamed and not, calls that validate, and a client loop sending a tool's
+/// result back (tests/openai_tools.py).
+#[test]
+fn openai_python_client_tool_calling_against_binary() {
+    let mut bin = Bin::spawn(&[], &[("HELPLINE_API_KEY", KEY), ("HELPLINE_GROUNDING", "false")]);
+    let auth_header = bearer(KEY);
+    bin.wait_ready(&[("Authorization", &auth_header)]);
+    let script = support::root().join("tests/openai_tools.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(format!("http://{}/v1", bin.addr))
+        .env("OPENAI_API_KEY", KEY)
+        .output()
+        .expect("python3 is required for this test (with `python3 -m pip install 'openai>=1.40'`)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tool calling failed ({}):\n{stdout}\n{stderr}\nserver:\n{}", out.status, bin.stderr());
+    eprintln!("{stdout}");
+    assert!(stdout.contains("tool_choice honoured: 10/10") && stdout.trim_end().ends_with("ok"), "{stdout}");
+    bin.sigterm();
+    assert_eq!(bin.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", bin.stderr());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Crash safety
 
