@@ -534,7 +534,12 @@ async fn assist_buttons_and_failures_in_a_browser() {
         .route("/v1/kb/drafts", get(stand_in_kb_list))
         .route("/v1/kb/{id}/approve", post(stand_in_approve))
         .with_state(assist.clone());
-    let app = Router::new().merge(agent_page::routes()).merge(conversations::routes()).with_state(state.clone()).merge(stand_ins);
+    let app = Router::new()
+        .merge(agent_page::routes())
+        .merge(conversations::routes())
+        .merge(helpline::server::actions::routes())
+        .with_state(state.clone())
+        .merge(stand_ins);
     let server = serve_app(app, state).await;
     seed(&server).await;
     let base = server.base_url.clone();

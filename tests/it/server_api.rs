@@ -371,10 +371,17 @@ async fn invalid_requests_get_the_error_table() {
     assert_error(&server.post_json(path, &json!({"model": "x"})).await, 404, "model_not_found", Some("model"));
     assert_error(&server.post_json(path, &json!({})).await, 422, "invalid_value", Some("messages"));
     assert_error(
-        &server.post_json(path, &json!({"messages": [{"role": "tool", "content": "x"}]})).await,
+        &server.post_json(path, &json!({"messages": [{"role": "function", "content": "x"}]})).await,
         422,
         "invalid_value",
         Some("messages[0].role"),
+    );
+    // A tool's result names the call it answers.
+    assert_error(
+        &server.post_json(path, &json!({"messages": [{"role": "tool", "content": "x"}]})).await,
+        422,
+        "invalid_value",
+        Some("messages[0].tool_call_id"),
     );
     assert_error(
         &server

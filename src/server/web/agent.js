@@ -439,15 +439,7 @@
     return perform(
       'Loading the actions',
       async () => {
-        try {
-          declared = list(obj(await api('GET', '/v1/actions')).actions).map(obj);
-        } catch (err) {
-          if (err instanceof ApiFailure && err.status === 404) {
-            declared = [];
-          } else {
-            throw err;
-          }
-        }
+        declared = list(obj(await api('GET', '/v1/actions')).actions).map(obj);
         ui.actionName.replaceChildren(...declared.map((a) => el('option', { value: text(a.name) }, `${text(a.name)} (${text(a.effect)})`)));
         ui.actionForm.hidden = declared.length === 0;
       },
