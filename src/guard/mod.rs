@@ -159,6 +159,27 @@ impl ActivePolicy {
     }
 
     /// Ids of the rules a guarded answer is constrained by while decoding.
+    /// The first forbidden-phrase rule `text` breaks, by id (a phrase as whole words, or a
+    /// pattern). For text no model wrote (an action's confirmation or result, filled from the
+    /// backend), checked before it is shown.
+    pub fn forbidden_hit(&self, text: &str) -> Option<String> {
+        // Lower case, punctuation as spaces, one space between words, padded to match whole words.
+        let words = |t: &str| {
+            let spaced: String = policy::normalize(t).chars().map(|c| if c.is_alphanumeric() || c == '\'' { c } else { ' ' }).collect();
+            format!(" {} ", spaced.split_whitespace().collect::<Vec<_>>().join(" "))
+        };
+        let hay = words(text);
+        for rule in &self.pack.forbidden {
+            if rule.phrases.iter().map(|p| words(p)).any(|p| p.trim() != "" && hay.contains(&p)) {
+                return Some(rule.id.clone());
+            }
+            if rule.patterns.iter().any(|p| policy::compile_pattern(&rule.id, p).is_ok_and(|re| re.is_match(text))) {
+                return Some(rule.id.clone());
+            }
+        }
+        None
+    }
+
     pub fn decode_rules(&self) -> Vec<String> {
         self.pack.forbidden.iter().map(|r| r.id.clone()).chain(self.pack.bounds.iter().map(|r| r.id.clone())).collect()
     }

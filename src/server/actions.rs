@@ -137,7 +137,7 @@ pub struct RunOut {
         (status = 415, description = "The body is not `application/json`", body = ErrorResponse),
         (status = 422, description = "An argument is unknown, an identity argument, missing or does not fit its schema, or a write lacks `confirm: true` (`param` names it)", body = ErrorResponse),
         (status = 500, description = STORE_FAILED, body = ErrorResponse),
-        (status = 503, description = STORE_DOWN, body = ErrorResponse),
+        (status = 503, description = "The store is down (`store_unavailable`) or no policy pack is loaded (`no_policy`)", body = ErrorResponse),
     )
 )]
 pub async fn run(State(state): State<SharedState>, Path((id, name)): Path<(String, String)>, ApiJson(body): ApiJson<RunIn>) -> Result<Json<RunOut>, ApiError> {
@@ -172,8 +172,8 @@ pub async fn run(State(state): State<SharedState>, Path((id, name)): Path<(Strin
     }
     let info = crate::turn::act::report_for(a, "called", "agent", &args);
     let customer = conv.customer.id.clone().unwrap_or_default();
-    let handoff = state.policy().map(|p| p.pack.messages.handoff.clone()).unwrap_or_default();
-    let (text, info, _) = crate::turn::act::run(state.metrics.as_ref(), &handoff, &rt, &customer, false, index, args, info).await?;
+    let policy = state.policy()?;
+    let (text, info, _) = crate::turn::act::run(state.metrics.as_ref(), &policy, &rt, &customer, false, index, args, info).await?;
     // Stored as the agent's turn: the conversation shows what was done for the customer.
     let turn = store.append_turn(&id, Role::Agent, "", TurnState::Pending).await.map_err(ApiError::store)?;
     let detail = json!({"action": info});

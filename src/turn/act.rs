@@ -211,8 +211,10 @@ pub fn decide(deps: &Deps, rt: &Runtime, req: &Request, pending: Option<Pending>
     start(deps, rt, req, index, Map::new(), by, Some(score)).map(Some)
 }
 
+/// The action takes an address the customer gives (`format = "email"`, or an argument named so):
+/// an address in the message is then its value, not someone else's account.
 fn takes_email(a: &Action) -> bool {
-    a.filled_arguments().any(|x| x.schema.get("format").and_then(Value::as_str) == Some("email"))
+    a.filled_arguments().any(|x| x.schema.get("format").and_then(Value::as_str) == Some("email") || x.name.contains("email"))
 }
 
 /// The previous answer's question, answered (or not: `None` lets the message be read afresh).
@@ -322,6 +324,13 @@ fn start(deps: &Deps, rt: &Runtime, req: &Request, index: usize, mut args: Map<S
             .transpose()
             .map_err(TurnError::Internal)?
             .unwrap_or_default();
+        if let Some(rule) = deps.policy.forbidden_hit(&question) {
+            // An argument made the question say what the pack forbids: not asked, not run.
+            deps.observer.guard_rule(&rule, "refusal");
+            let mut i = info(a, "refused", by, score, &args);
+            i.reason = Some(format!("policy:{rule}"));
+            return Ok(Decided::Say { text: deps.policy.pack.messages.refusal.clone(), action: i });
+        }
         deps.observer.action_confirmation("asked");
         return Ok(Decided::Say { text: format!("{question} (yes / no)"), action: info(a, "confirmation_asked", by, score, &args) });
     }
@@ -364,6 +373,10 @@ fn fill(deps: &Deps, a: &Action, latest: &str, recent: &[&str], args: &mut Map<S
             }
         }
         let value = match candidates.len() {
+            0 if free_text(arg) => match extract(deps, a, arg, latest, recent)? {
+                Some(v) => v,
+                None => continue,
+            },
             0 => continue,
             1 => candidates.remove(0),
             _ => match pick(deps, a, arg, latest, &candidates)? {
@@ -397,6 +410,29 @@ fn candidates_in(arg: &crate::actions::Argument, text: &str) -> Vec<Value> {
         // Free text is never taken from a message without a declared shape.
         _ => Vec::new(),
     }
+}
+
+/// A string argument with no declared shape (no format, enum or pattern): the model fills it.
+fn free_text(arg: &crate::actions::Argument) -> bool {
+    arg.kind == crate::actions::ArgKind::String && ["format", "enum", "pattern"].iter().all(|k| arg.schema.get(*k).is_none())
+}
+
+/// The model fills a free-text argument from the conversation, under the argument's own schema
+/// (a JSON string of its bounds); the value is kept only if the customer wrote it (the model
+/// copies, it never invents an argument).
+fn extract(deps: &Deps, a: &Action, arg: &crate::actions::Argument, latest: &str, recent: &[&str]) -> Result<Option<Value>, TurnError> {
+    let what = if arg.description.is_empty() { arg.name.replace('_', " ") } else { arg.description.clone() };
+    let system = format!("The customer asks: {}. Copy {what} from the customer's message, word for word, as a JSON string.", a.description);
+    let messages = [ChatMessage { role: "system".into(), content: system }, ChatMessage { role: "user".into(), content: latest.into() }];
+    let mut schema = arg.schema.clone();
+    if let Value::Object(m) = &mut schema {
+        m.insert("x-guidance".into(), json!({"whitespace_flexible": false, "lenient": true}));
+        m.entry("maxLength").or_insert(json!(200));
+    }
+    let answer = constrained(deps, &messages, format!("start: %json {schema}"), 96)?;
+    let Ok(Value::String(v)) = serde_json::from_str::<Value>(answer.trim()) else { return Ok(None) };
+    let said = recent.iter().chain(std::iter::once(&latest)).any(|m| m.to_lowercase().contains(&v.trim().to_lowercase()));
+    Ok((!v.trim().is_empty() && said).then(|| Value::String(v.trim().to_string())))
 }
 
 /// Greedy, short, constrained decoding of one choice.
@@ -467,7 +503,7 @@ fn pick(deps: &Deps, a: &Action, arg: &crate::actions::Argument, message: &str, 
 /// The turn's call: for the verified customer, a dry run on replay.
 pub async fn call(deps: &Deps, rt: &Runtime, req: &Request, index: usize, arguments: Map<String, Value>, info: ActionInfo) -> Result<(String, ActionInfo, Option<String>), TurnError> {
     let customer = acting_for(req).and_then(|c| c.id.clone()).unwrap_or_default();
-    run(deps.observer.as_ref(), &deps.policy.pack.messages.handoff, rt, &customer, req.dry_run_actions, index, arguments, info).await
+    run(deps.observer.as_ref(), &deps.policy, rt, &customer, req.dry_run_actions, index, arguments, info).await
 }
 
 /// The identity arguments of `action` from a verified customer's claims; `Err` names a claim the
@@ -490,11 +526,12 @@ pub fn report_for(action: &Action, stage: &str, detected_by: &str, arguments: &M
 
 /// Calls the backend for `action` with `arguments` (unless `dry_run`), counted against
 /// `customer`'s rate limit: the text to show and the completed report, or also the reason to
-/// hand off. `handoff` is what a failure tells the customer about reaching a person.
+/// hand off. The policy pack's forbidden phrases apply to the result text too (it is filled from
+/// the backend's answer): a result that breaks one is not shown, and a person takes over.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     observer: &dyn super::Observer,
-    handoff: &str,
+    policy: &crate::guard::ActivePolicy,
     rt: &Runtime,
     customer: &str,
     dry_run: bool,
@@ -558,6 +595,19 @@ pub async fn run(
         tracing::warn!(action = %a.name, error = %e, "action result does not fit its template");
         ("bad_answer".to_string(), "our account system's answer could not be read".to_string())
     }));
+    let handoff = &policy.pack.messages.handoff;
+    if let Ok(text) = &rendered {
+        if let Some(rule) = policy.forbidden_hit(text) {
+            observer.action_call(&a.name, "blocked_by_policy", secs);
+            observer.guard_rule(&rule, "handoff");
+            report.outcome = "blocked_by_policy".into();
+            info.stage = "failed".into();
+            info.reason = Some(format!("policy:{rule}"));
+            info.call = Some(report);
+            let text = format!("That request went through, but I can't show its details here. {handoff}");
+            return Ok((text, info, Some(format!("action_result_blocked:{}:{rule}", a.name))));
+        }
+    }
     match rendered {
         Ok(text) => {
             report.outcome = "ok".into();

@@ -11,11 +11,11 @@ use std::process::{Child, Command, Stdio};
 use helpline::actions::{Actions, Request, SecretSource};
 use serde_json::{json, Map, Value};
 
-const TOKEN: &str = "demo-token-for-tests-0123";
+pub const TOKEN: &str = "demo-token-for-tests-0123";
 
-struct Backend {
+pub struct Backend {
     child: Child,
-    url: String,
+    pub url: String,
     _dir: tempfile::TempDir,
 }
 
@@ -27,7 +27,7 @@ impl Drop for Backend {
 }
 
 /// The example binary beside this test binary (`cargo test` builds examples too).
-fn backend() -> Backend {
+pub fn backend() -> Backend {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("examples").join("tallyworks-backend");
     assert!(bin.exists(), "{} is missing: `cargo test` builds the examples", bin.display());
@@ -396,6 +396,54 @@ mod in_the_turn {
         // Reads are retried once (the action's `retries`): two attempts each for the 500.
         let broken = calls(&b).iter().filter(|c| c["path"].as_str().unwrap().contains("acct-broken")).count();
         assert_eq!(broken, 2);
+    }
+
+    /// The policy pack applies to action texts too: a result that would say what the pack forbids
+    /// is not shown (a person takes over), and a confirmation question that would is not asked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn action_texts_the_policy_forbids_are_not_shown() {
+        let b = backend();
+        let mut cfg = ServeConfig::default();
+        cfg.access.customer_token_secret = Some(SECRET.into());
+        let server = start_server(cfg).await;
+        let text = std::fs::read_to_string(crate::support::root().join("docs-corpus/actions.toml"))
+            .unwrap()
+            .replace("show = \"{summary}\"", "show = \"I've refunded your last invoice. {summary}\"");
+        let actions = Actions::parse(&text, &Env(b.url.clone())).unwrap();
+        server.state.set_actions(Some(helpline::turn::act::Runtime::new(actions, "actions.toml".into(), &crate::support::embedder()).unwrap()));
+        let ann = token("cust-ann", "acct-1001");
+        let (text, action) = answer(&say(&server, Some(&ann), "conv-blocked", "is my account locked?").await);
+        assert_eq!((action["stage"].as_str(), action["reason"].as_str()), (Some("failed"), Some("policy:promise-refund")), "{action}");
+        assert!(!text.to_lowercase().contains("refunded"), "{text}");
+        let c = server.agent_get("/v1/conversations/conv-blocked").await.json();
+        assert_eq!(c["conversation"]["handoff"]["reason"], "action_result_blocked:lockout_status:promise-refund", "{c}");
+    }
+
+    /// A free-text argument (no declared shape) is the model's to fill under its schema, and is
+    /// kept only if the customer wrote it: never an invented value.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn free_text_arguments_are_copied_from_the_customer_never_invented() {
+        let b = backend();
+        let mut cfg = ServeConfig::default();
+        cfg.access.customer_token_secret = Some(SECRET.into());
+        let server = start_server(cfg).await;
+        let text = std::fs::read_to_string(crate::support::root().join("docs-corpus/actions.toml")).unwrap().replace("format = \"email\"\n", "");
+        let actions = Actions::parse(&text, &Env(b.url.clone())).unwrap();
+        assert!(actions.get("change_billing_email").unwrap().arguments.iter().any(|a| a.name == "email" && a.schema.get("format").is_none()));
+        server.state.set_actions(Some(helpline::turn::act::Runtime::new(actions, "actions.toml".into(), &crate::support::embedder()).unwrap()));
+        let ann = token("cust-ann", "acct-1001");
+        for (i, m) in ["please change my billing email to ap@acme.example", "change my billing email to the one my accountant uses"].iter().enumerate() {
+            let (_, action) = answer(&say(&server, Some(&ann), &format!("conv-free-{i}"), m).await);
+            let stage = action["stage"].as_str().unwrap_or_default();
+            assert!(stage == "confirmation_asked" || stage == "arguments_asked", "{m}: {action}");
+            if let Some(v) = action["arguments"]["email"].as_str() {
+                assert!(m.to_lowercase().contains(&v.to_lowercase()), "{m}: the model's value {v:?} is not the customer's");
+            } else {
+                assert_eq!(stage, "arguments_asked", "{action}");
+            }
+            eprintln!("free text: {m:?} -> {stage} {}", action["arguments"]);
+        }
+        assert!(writes(&calls(&b)).is_empty());
     }
 
     /// An invalid actions file stops a reload, naming the action and the field; the actions in

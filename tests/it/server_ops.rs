@@ -839,6 +839,48 @@ fn openai_python_client_tool_calling_against_binary() {
     assert_eq!(bin.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", bin.stderr());
 }
 
+/// The backend's credential and the customer's token never reach the server's logs, even at
+/// debug level, through a confirmed write and a failing call.
+#[test]
+fn action_secrets_never_reach_the_logs() {
+    let backend = crate::actions::backend();
+    let secret = "a-customer-token-secret-for-the-log-test-0123";
+    let actions = support::root().join("docs-corpus/actions.toml");
+    let env = [
+        ("HELPLINE_LOG", "debug"),
+        ("HELPLINE_ACTIONS_FILE", actions.to_str().unwrap()),
+        ("HELPLINE_CUSTOMER_TOKEN_SECRET", secret),
+        ("TALLYWORKS_BACKEND_URL", backend.url.as_str()),
+        ("TALLYWORKS_BACKEND_TOKEN", crate::actions::TOKEN),
+    ];
+    let mut bin = Bin::spawn(&[], &env);
+    bin.wait_ready(&[]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let token = |account: &str| {
+        let claims = serde_json::json!({"sub": format!("cust-{account}"), "account_id": account, "exp": now + 600});
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    };
+    let chat = |t: &str, conv: &str, text: &str| {
+        let body = serde_json::json!({"messages": [{"role": "user", "content": text}], "helpline": {"conversation_id": conv}}).to_string();
+        let r = http(bin.addr, "POST", "/v1/chat/completions", &[("Content-Type", "application/json"), ("X-Helpline-Customer-Token", t)], Some(&body));
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["helpline"]["action"].clone()
+    };
+    let ann = token("acct-1001");
+    assert_eq!(chat(&ann, "conv-log", "please change my billing email to ap@acme.example")["stage"], "confirmation_asked");
+    assert_eq!(chat(&ann, "conv-log", "yes")["stage"], "done");
+    let broken = token("acct-broken");
+    assert_eq!(chat(&broken, "conv-log-2", "is my account locked?")["stage"], "failed");
+    bin.sigterm();
+    assert_eq!(bin.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", bin.stderr());
+    let logs = bin.stderr();
+    assert!(logs.contains("DEBUG") || logs.contains("WARN"), "debug logging was on: {logs}");
+    assert!(logs.contains("actions from"), "the actions were loaded: {logs}");
+    for (what, s) in [("backend token", crate::actions::TOKEN), ("customer token", ann.as_str()), ("token secret", secret)] {
+        assert!(!logs.contains(s), "the {what} appears in the logs");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Crash safety
 
