@@ -16,8 +16,6 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::retrieval::Filters;
-use crate::sampler::SamplingParams;
 use crate::store::Customer;
 use crate::tokenizer::ChatMessage;
 use crate::turn::{self, Deps, Mode};
@@ -34,12 +32,7 @@ pub struct Case {
 }
 
 pub fn load(path: &Path) -> Result<Vec<Case>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{} line {}: {e}", path.display(), i + 1)))
-        .collect()
+    crate::answer_eval::load_jsonl(path)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,18 +83,9 @@ pub async fn run(deps: &Deps, cases: &[Case]) -> Result<Vec<Outcome>, String> {
     let rt = deps.actions.clone().ok_or("no actions are loaded: pass --actions-file")?;
     let mut out = Vec::with_capacity(cases.len());
     for case in cases {
-        let req = turn::Request {
-            messages: vec![ChatMessage { role: "user".into(), content: case.message.clone() }],
-            sampling: turn::Sampling { params: SamplingParams::greedy(), max_tokens: 160, stop: Vec::new() },
-            grounding: Some(Filters::default()),
-            mode: Mode::Assembled,
-            structured: None,
-            conversation: Some(turn::ConversationRef { id: None, customer: customer.clone(), claim: turn::Claim::Verified, max_turns: None }),
-            audit_request: Value::Null,
-            for_agent: false,
-            dry_run_actions: true,
-            tools: None,
-        };
+        let mut req = crate::answer_eval::eval_request(vec![ChatMessage { role: "user".into(), content: case.message.clone() }], Mode::Assembled);
+        req.conversation = Some(turn::ConversationRef { id: None, customer: customer.clone(), claim: turn::Claim::Verified, max_turns: None });
+        req.dry_run_actions = true;
         let started = std::time::Instant::now();
         let f = turn::run(deps, req).await.map_err(|e| format!("{}: {e}", case.id))?.collect().await.map_err(|e| format!("{}: {e}", case.id))?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -133,11 +117,8 @@ pub async fn run(deps: &Deps, cases: &[Case]) -> Result<Vec<Outcome>, String> {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    crate::bench_serve::percentile(&v, 50.0).unwrap_or(0.0)
 }
 
 pub fn figures(cases: &[Case], outcomes: &[Outcome], writes: &[String]) -> Figures {

@@ -46,12 +46,33 @@ pub struct Case {
 }
 
 pub fn load(path: &Path) -> Result<Vec<Case>, String> {
+    load_jsonl(path)
+}
+
+/// A labelled set: one JSON object per line (blank lines skipped); errors name the line.
+pub fn load_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{} line {}: {e}", path.display(), i + 1)))
         .collect()
+}
+
+/// An evaluation turn: grounded, greedy, at most 160 tokens, not stored.
+pub fn eval_request(messages: Vec<ChatMessage>, mode: Mode) -> turn::Request {
+    turn::Request {
+        messages,
+        sampling: turn::Sampling { params: SamplingParams::greedy(), max_tokens: 160, stop: Vec::new() },
+        grounding: Some(Filters::default()),
+        mode,
+        structured: None,
+        conversation: None,
+        audit_request: Value::Null,
+        for_agent: false,
+        dry_run_actions: false,
+        tools: None,
+    }
 }
 
 /// A set of regex rules in the shape of `eval/forbidden.json` / `eval/verdicts.json`.
@@ -148,18 +169,7 @@ pub fn repeated_sentences(text: &str) -> usize {
 pub async fn run(deps: &Deps, cases: &[Case], mode: Mode, flagger: Option<&Matcher>) -> Result<Vec<Outcome>, String> {
     let mut out = Vec::with_capacity(cases.len());
     for case in cases {
-        let req = turn::Request {
-            messages: messages(&case.turns),
-            sampling: turn::Sampling { params: SamplingParams::greedy(), max_tokens: 160, stop: Vec::new() },
-            grounding: Some(Filters::default()),
-            mode,
-            structured: None,
-            conversation: None,
-            audit_request: Value::Null,
-            for_agent: false,
-            dry_run_actions: false,
-            tools: None,
-        };
+        let req = eval_request(messages(&case.turns), mode);
         let started = std::time::Instant::now();
         let f = turn::run(deps, req).await.map_err(|e| format!("{}: {e}", case.id))?.collect().await.map_err(|e| format!("{}: {e}", case.id))?;
         let ms = started.elapsed().as_secs_f64() * 1e3;

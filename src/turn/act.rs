@@ -228,14 +228,7 @@ fn settle(deps: &Deps, rt: &Runtime, req: &Request, latest: &str, p: Pending) ->
                 // The arguments are the ones the question showed, identity re-read from the token.
                 let mut args = p.arguments;
                 let Some(customer) = acting_for(req) else { return Ok(Some(sign_in(a))) };
-                for arg in &a.arguments {
-                    if let Some(claim) = &arg.from_customer {
-                        match claim_value(claim, customer) {
-                            Some(v) => args.insert(arg.name.clone(), v),
-                            None => args.remove(&arg.name),
-                        };
-                    }
-                }
+                set_identity(a, Some(customer), &mut args);
                 let i = info(a, "confirmed", "confirmation", None, &args);
                 Ok(Some(Decided::Call { action: index, arguments: args, info: i }))
             }
@@ -261,6 +254,19 @@ fn settle(deps: &Deps, rt: &Runtime, req: &Request, latest: &str, p: Pending) ->
     }
 }
 
+/// Puts the identity arguments from the verified customer's claims: whatever else put a value
+/// there (the message, a stored question) is dropped, and a claim the token lacks stays missing.
+fn set_identity(a: &Action, customer: Option<&Customer>, args: &mut Map<String, Value>) {
+    for arg in &a.arguments {
+        if let Some(claim) = &arg.from_customer {
+            args.remove(&arg.name);
+            if let Some(v) = customer.and_then(|c| claim_value(claim, c)) {
+                args.insert(arg.name.clone(), v);
+            }
+        }
+    }
+}
+
 fn sign_in(a: &Action) -> Decided {
     let mut i = info(a, "refused", "examples", None, &Map::new());
     i.reason = Some("not_verified".into());
@@ -275,15 +281,7 @@ fn start(deps: &Deps, rt: &Runtime, req: &Request, index: usize, mut args: Map<S
     if a.needs_verified_customer() && customer.is_none() {
         return Ok(sign_in(a));
     }
-    for arg in &a.arguments {
-        // Identity comes from the token alone: whatever else put a value there is dropped.
-        if let Some(claim) = &arg.from_customer {
-            args.remove(&arg.name);
-            if let Some(v) = customer.and_then(|c| claim_value(claim, c)) {
-                args.insert(arg.name.clone(), v);
-            }
-        }
-    }
+    set_identity(a, customer, &mut args);
     let users: Vec<&str> = req.messages.iter().filter(|m| m.role == "user").map(|m| m.content.as_str()).collect();
     let recent = &users[users.len().saturating_sub(3)..];
     fill(deps, a, req.latest_customer(), recent, &mut args)?;
@@ -363,7 +361,7 @@ fn fill(deps: &Deps, a: &Action, latest: &str, recent: &[&str], args: &mut Map<S
         if args.contains_key(&arg.name) {
             continue;
         }
-        let mut candidates = candidates(arg, latest);
+        let mut candidates = candidates_in(arg, latest);
         if candidates.is_empty() {
             for m in recent.iter().rev() {
                 candidates = candidates_in(arg, m);
@@ -390,10 +388,6 @@ fn fill(deps: &Deps, a: &Action, latest: &str, recent: &[&str], args: &mut Map<S
     Ok(filled)
 }
 
-fn candidates(arg: &crate::actions::Argument, text: &str) -> Vec<Value> {
-    candidates_in(arg, text)
-}
-
 /// Values of `arg`'s kind that `text` states: email addresses, numbers, enum members.
 fn candidates_in(arg: &crate::actions::Argument, text: &str) -> Vec<Value> {
     use crate::actions::ArgKind;
@@ -404,7 +398,8 @@ fn candidates_in(arg: &crate::actions::Argument, text: &str) -> Vec<Value> {
     match (arg.kind, arg.schema.get("format").and_then(Value::as_str)) {
         (ArgKind::String, Some("email")) => intent::emails(text).into_iter().map(Value::String).collect(),
         (ArgKind::Integer, _) => {
-            let re = regex::Regex::new(r"\b\d{1,9}\b").expect("a valid pattern");
+            static NUMBER: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+            let re = NUMBER.get_or_init(|| regex::Regex::new(r"\b\d{1,9}\b").expect("a valid pattern"));
             re.find_iter(text).filter_map(|m| m.as_str().parse::<i64>().ok()).map(Value::from).collect()
         }
         // Free text is never taken from a message without a declared shape.

@@ -194,27 +194,23 @@ mod in_the_turn {
         (v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string(), v["helpline"]["action"].clone())
     }
 
-    pub(super) fn calls_of(b: &Backend) -> Vec<Value> {
-        calls(b)
-    }
-
-    fn calls(b: &Backend) -> Vec<Value> {
+    /// A GET of the demo backend with its credential; the JSON body.
+    fn backend_get(b: &Backend, path: &str) -> Value {
         let rest = b.url.strip_prefix("http://").unwrap();
         let mut s = TcpStream::connect(rest.trim_end_matches('/')).unwrap();
-        s.write_all(format!("GET /v1/calls HTTP/1.1\r\nhost: {rest}\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n").as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let body = out.split_once("\r\n\r\n").unwrap().1;
-        serde_json::from_str::<Value>(body).unwrap()["calls"].as_array().unwrap().clone()
-    }
-
-    fn account(b: &Backend, id: &str) -> Value {
-        let rest = b.url.strip_prefix("http://").unwrap();
-        let mut s = TcpStream::connect(rest.trim_end_matches('/')).unwrap();
-        s.write_all(format!("GET /v1/accounts/{id} HTTP/1.1\r\nhost: {rest}\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n").as_bytes()).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {rest}\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n").as_bytes()).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap()
+    }
+
+    /// Every call the backend served, in order.
+    pub(super) fn calls(b: &Backend) -> Vec<Value> {
+        backend_get(b, "/v1/calls")["calls"].as_array().unwrap().clone()
+    }
+
+    fn account(b: &Backend, id: &str) -> Value {
+        backend_get(b, &format!("/v1/accounts/{id}"))
     }
 
     fn writes(calls: &[Value]) -> Vec<String> {
@@ -530,7 +526,7 @@ async fn the_chat_page_resets_a_password_end_to_end_in_a_browser() {
         assert!(err.contains("confirm"), "{err}");
     })
     .await;
-    let all = in_the_turn::calls_of(&b);
+    let all = in_the_turn::calls(&b);
     let posted: Vec<&Value> = all.iter().filter(|c| c["method"] == "POST").collect();
     assert_eq!(posted.len(), 1, "the reset only: {posted:?}");
     assert!(all.iter().any(|c| c["path"] == "/v1/accounts/acct-1001/lockout"), "the agent's lookup ran: {all:?}");

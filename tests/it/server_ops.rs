@@ -796,23 +796,28 @@ fn openai_python_client_against_binary() {
     let mut bin = Bin::spawn(&[], &[("HELPLINE_API_KEY", KEY), ("HELPLINE_GROUNDING", "false")]);
     assert!(bin.listening_line.starts_with("Helpline listening on http://127.0.0.1:"), "{}", bin.listening_line);
     assert!(bin.listening_line.ends_with("(model: smollm2-135m-instruct)"), "{}", bin.listening_line);
+    let stdout = run_python_client(&mut bin, "tests/openai_client.py");
+    assert!(stdout.contains("wrong key: refused") && stdout.trim_end().ends_with("ok"), "{stdout}");
+}
+
+/// Runs one of the `openai`-package scripts against `bin` (authenticated with `KEY`), asserts it
+/// succeeded and the server then stops cleanly; returns the script's output.
+fn run_python_client(bin: &mut Bin, script: &str) -> String {
     let auth_header = bearer(KEY);
     bin.wait_ready(&[("Authorization", &auth_header)]);
-
-    let script = support::root().join("tests/openai_client.py");
     let out = Command::new("python3")
-        .arg(&script)
+        .arg(support::root().join(script))
         .arg(format!("http://{}/v1", bin.addr))
         .env("OPENAI_API_KEY", KEY)
         .output()
         .expect("python3 is required for this test (with `python3 -m pip install 'openai>=1.40'`)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "openai client failed ({}):\n{stdout}\n{stderr}\nserver:\n{}", out.status, bin.stderr());
-    assert!(stdout.contains("wrong key: refused") && stdout.trim_end().ends_with("ok"), "{stdout}");
-
+    assert!(out.status.success(), "{script} failed ({}):\n{stdout}\n{stderr}\nserver:\n{}", out.status, bin.stderr());
+    eprintln!("{stdout}");
     bin.sigterm();
     assert_eq!(bin.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", bin.stderr());
+    stdout
 }
 
 /// OpenAI tool calling with the official `openai` package against the real binary: every
@@ -821,22 +826,8 @@ fn openai_python_client_against_binary() {
 #[test]
 fn openai_python_client_tool_calling_against_binary() {
     let mut bin = Bin::spawn(&[], &[("HELPLINE_API_KEY", KEY), ("HELPLINE_GROUNDING", "false")]);
-    let auth_header = bearer(KEY);
-    bin.wait_ready(&[("Authorization", &auth_header)]);
-    let script = support::root().join("tests/openai_tools.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(format!("http://{}/v1", bin.addr))
-        .env("OPENAI_API_KEY", KEY)
-        .output()
-        .expect("python3 is required for this test (with `python3 -m pip install 'openai>=1.40'`)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "tool calling failed ({}):\n{stdout}\n{stderr}\nserver:\n{}", out.status, bin.stderr());
-    eprintln!("{stdout}");
+    let stdout = run_python_client(&mut bin, "tests/openai_tools.py");
     assert!(stdout.contains("tool_choice honoured: 10/10") && stdout.trim_end().ends_with("ok"), "{stdout}");
-    bin.sigterm();
-    assert_eq!(bin.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", bin.stderr());
 }
 
 /// The backend's credential and the customer's token never reach the server's logs, even at
